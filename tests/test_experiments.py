@@ -1,0 +1,26 @@
+"""Every experiment notebook runs end to end through papermill (a real kernel, injected parameters), as a
+batch user would run it, and leaves a results.json. CI sizes come from CI_PARAMS; defaults are already small."""
+import json
+from pathlib import Path
+
+import pytest
+
+from xr0_lib.experiments import list_experiments, run_experiment
+
+# Smaller-than-default parameters for CI, per experiment (anything not named keeps its notebook default).
+CI_PARAMS: dict[str, dict] = {}
+
+EXPERIMENTS = list_experiments()
+
+
+def test_experiments_exist():
+    assert EXPERIMENTS, "no experiment notebooks found in nbs/experiments"
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs(name, tmp_path):
+    res = run_experiment(name, tmp_path / name, CI_PARAMS.get(name, {}), timeout=900)
+    assert res["experiment"], res
+    assert (tmp_path / name / "results.json").is_file()
+    assert (tmp_path / name / f"{name}.ipynb").is_file()
+    json.dumps(res)  # serialisable
