@@ -5,7 +5,7 @@ Experiment notebooks (nbs/experiments/) are executed through papermill in tests/
 from pathlib import Path
 
 import pytest
-from nbdev.test import test_nb
+from nbdev.test import test_nb as run_notebook  # aliased: pytest would collect a name starting with test_
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = sorted(p for p in (ROOT / "nbs").glob("*.ipynb") if not p.name.startswith(("_", ".")))
@@ -17,5 +17,5 @@ def test_notebooks_found():
 
 @pytest.mark.parametrize("nb", NBS, ids=[p.stem for p in NBS])
 def test_notebook(nb):
-    ok, secs = test_nb(nb, skip_flags=["slow", "cuda"], basepath=ROOT, cell_timeout=600)
+    ok, secs = run_notebook(nb, skip_flags=["slow", "cuda"], basepath=ROOT, cell_timeout=600)
     assert ok, f"{nb.name} failed (traceback above, on stderr)"

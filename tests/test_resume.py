@@ -27,7 +27,6 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     man = toy_manifest(tmp_path / "data")
     cfg = micro_config(str(man), max_steps=8, ckpt_every=2, deterministic=True, keep_last=2)
     cfg.model.drop_path_rate = 0.1            # model randomness must be reproduced too
-    cfg.model.depth = 2
     save_config(cfg, tmp_path / "c.yaml")
     env = {**os.environ, "XR0_PROGRESS": "0", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     run = tmp_path / "killed"
@@ -50,6 +49,9 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     st_a, a = _final_state(cfg, run)
     st_b, b = _final_state(cfg, tmp_path / "straight")
     assert st_a["step"] == st_b["step"] == 8
+    assert [c.name for c in list_checkpoints(run / "checkpoints")] == ["step_00000006", "step_00000008"]  # keep_last=2
+    assert not list((run / "checkpoints").glob(".tmp-*"))     # no half-written folder left behind
+    assert (run / "checkpoints" / "step_00000008" / "teacher_hf" / "config.json").is_file()
     assert a.keys() == b.keys() and len(a) > 20
     diff = [k for k in a if not torch.equal(a[k], b[k])]
     assert not diff, f"{len(diff)} tensors differ, e.g. {diff[:5]}"
