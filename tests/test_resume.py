@@ -60,3 +60,37 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     ma, mb = pd.read_csv(run / "metrics.csv"), pd.read_csv(tmp_path / "straight" / "metrics.csv")
     assert ma["step"].tolist() == list(range(8))
     assert (ma["total"].to_numpy() == mb["total"].to_numpy()).all()
+
+
+def _tb_steps(folder: Path, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder)); acc.Reload()
+    return [e.step for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_resume_and_rerun_keep_every_log_row(tmp_path):
+    "The monitor row at a checkpoint's step belongs to that checkpoint: resuming from it, or re-running a finished job, keeps it."
+    import pandas as pd
+    man = toy_manifest(tmp_path / "data")
+    def cfg_for(**kw):
+        cfg = micro_config(str(man), max_steps=4, ckpt_every=2, eval_every=2, deterministic=True, **kw)
+        cfg.data.eval_manifest, cfg.data.eval_label, cfg.train.eval_k = str(man), "anatomy", 2
+        return cfg
+    run, ref = tmp_path / "split", tmp_path / "straight"
+    assert pretrain(cfg_for(stop_after=2), run)["step"] == 2     # an interrupted job: checkpoint 2, then stop
+    res = pretrain(cfg_for(), run)
+    assert res["resumed_from"].endswith("step_00000002") and res["finished"]
+    pretrain(cfg_for(), ref)
+    mon, mon_ref = pd.read_csv(run / "monitor.csv"), pd.read_csv(ref / "monitor.csv")
+    assert mon["step"].tolist() == mon_ref["step"].tolist() == [0, 2, 4]
+    assert (mon["p_at_2"] - mon_ref["p_at_2"]).abs().max() < 1e-6
+    assert pd.read_csv(run / "metrics.csv")["step"].tolist() == [0, 1, 2, 3]
+    assert _tb_steps(run / "tb", "monitor/p_at_2") == [0, 2, 4]
+
+    logs = {n: (run / n).read_text() for n in ("metrics.csv", "monitor.csv")}
+    again = pretrain(cfg_for(), run)                               # finished: nothing to do, nothing to change
+    assert again["resumed_from"].endswith("step_00000004") and again["step"] == 4
+    assert {n: (run / n).read_text() for n in logs} == logs
+    assert abs(again["monitor"]["p_at_2"] - mon["p_at_2"].iloc[-1]) < 1e-6
+    assert _tb_steps(run / "tb", "monitor/p_at_2") == [0, 2, 4]
+    assert _tb_steps(run / "tb", "train/total") == [0, 1, 2, 3]
