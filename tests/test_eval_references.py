@@ -57,7 +57,8 @@ def test_knn_matches_sklearn_with_dino_weights(n, d, ncls, k, T, seed):
     sk = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
                               weights=lambda dist: np.exp((1 - dist) / T)).fit(X[:ntr], y[:ntr])
     ref = np.zeros_like(ours); ref[:, sk.classes_] = sk.predict_proba(X[ntr:])
-    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    # our similarities are float32 (cosine_topk); exp(s / T) at T = 0.03 turns their ~1e-7 rounding into ~5e-6
+    np.testing.assert_allclose(ours, ref, atol=2e-5)
 
 
 @FAST
