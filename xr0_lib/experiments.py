@@ -17,8 +17,8 @@ from .core import progress
 
 # %% auto #0
 __all__ = ['ExperimentError', 'experiments_dir', 'list_experiments', 'find_experiment', 'notebook_parameters', 'run_experiment',
-           'write_results', 'collect_results', 'wide_table', 'write_tables', 'sweep_points', 'run_sweep', 'cli_run',
-           'cli_sweep']
+           'write_results', 'collect_results', 'wide_table', 'write_tables', 'sweep_points', 'run_sweep',
+           'parse_param_pairs', 'cli_run', 'cli_sweep']
 
 # %% ../nbs/70_experiments.ipynb #57fde704
 class ExperimentError(RuntimeError):
@@ -189,7 +189,8 @@ def run_sweep(spec: dict | str | Path, out_dir: str | Path, kernel: str = "pytho
     return summary
 
 # %% ../nbs/70_experiments.ipynb #299b479a
-def _parse_p(pairs) -> dict:
+def parse_param_pairs(pairs) -> dict:
+    "Parameters from `-p KEY VALUE` pairs, each value parsed as YAML (as papermill does)."
     return {k: yaml.safe_load(v) for k, v in (pairs or [])}
 
 def cli_run(argv: list[str] | None = None) -> int:
@@ -204,7 +205,7 @@ def cli_run(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=int, default=None, help="seconds per cell")
     a = p.parse_args(argv)
     try:
-        res = run_experiment(a.experiment, a.out, _parse_p(a.param), a.params_file, kernel=a.kernel, timeout=a.timeout)
+        res = run_experiment(a.experiment, a.out, parse_param_pairs(a.param), a.params_file, kernel=a.kernel, timeout=a.timeout)
     except (ExperimentError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr); return 1
     print(f"{a.experiment}: {len(res.get('metrics', []))} metric records in {Path(a.out) / 'results.json'}")

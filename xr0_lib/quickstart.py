@@ -196,7 +196,7 @@ def write_report(out_dir: str | Path, table: pd.DataFrame, figures: dict[str, Fi
 # %% ../nbs/71_quickstart.ipynb #6072b766
 def cli_quickstart(argv: list[str] | None = None) -> int:
     "xr0 quickstart --out DIR [--preset NAME] [--seed S] [-p KEY VALUE ...]"
-    from xr0_lib.experiments import ExperimentError, run_experiment
+    from xr0_lib.experiments import ExperimentError, parse_param_pairs, run_experiment
     ap = argparse.ArgumentParser(prog="xr0 quickstart", description="Phantom set -> tiny DINOv2 pre-training -> "
                                  "evaluation against random init -> DIR/report.md")
     ap.add_argument("--out", required=True, help="output folder (report.md, figures, results.json, the executed notebook)")
@@ -205,7 +205,7 @@ def cli_quickstart(argv: list[str] | None = None) -> int:
     ap.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"), help="another notebook parameter (YAML value)")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per cell")
     a = ap.parse_args(argv)
-    params = {k: yaml.safe_load(v) for k, v in (a.param or [])}
+    params = parse_param_pairs(a.param)
     params.update(preset=a.preset, seed=a.seed)
     t0 = time.time()
     try: res = run_experiment("quickstart", a.out, params, timeout=a.timeout)
