@@ -233,3 +233,38 @@ def test_rad_dino_preprocessing(tmp_path):
     ref = proc(np.stack([img] * 3, -1), return_tensors="pt")["pixel_values"][0]
     assert ref.shape == t.shape
     assert (ref - t).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_inference_model_matches_transformers(tmp_path, registers):
+    "The compiled fast path (folded layer-scale, frozen weights) keeps fp32 outputs within TOL of transformers."
+    from xr0_lib.models.backbones import inference_model
+    hf = _hf_model(registers)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_backbone(tmp_path / "hf").eval()
+    fast = inference_model(ours, "fp32", compile=True)
+    assert fast.num_registers == registers and fast.embed_dim == ours.embed_dim
+    x = torch.randn(3, 3, 42, 42)
+    with torch.no_grad(): ref = hf(pixel_values=x).last_hidden_state
+    f = fast.forward_features(x)
+    assert (f["cls"] - ref[:, 0]).abs().max() < TOL
+    assert (f["patch_tokens"] - ref[:, 1 + registers:]).abs().max() < TOL
+    # a smaller last batch is padded to the compiled shape: same rows, no recompilation
+    g = fast.forward_features(x[:2])
+    assert g["cls"].shape == (2, ours.embed_dim) and (g["cls"] - ref[:2, 0]).abs().max() < TOL
+    assert fast._largest == {(3, 42, 42): 3}
+    # the original backbone is untouched (its layer-scales are still there)
+    assert type(ours.blocks[0].ls1).__name__ == "LayerScale"
+    bf = inference_model(ours, "bf16", compile=False).forward_features(x)
+    assert bf["cls"].dtype == torch.bfloat16 and (bf["cls"].float() - ref[:, 0]).abs().max() < 5e-2
+
+
+def test_inference_model_bf16_compiled_uses_its_own_weights():
+    "Two models of one shape compiled on the bf16 path each give their own outputs (no stale frozen-weights cache)."
+    from xr0_lib.models.backbones import inference_model
+    x = torch.randn(2, 3, 28, 28)
+    for seed in (0, 1):
+        m = _randomize(create_backbone("xr0-vitp14", img_size=28, depth=1).eval(), seed)
+        with torch.no_grad(): ref = m.forward_features(x)["cls"]
+        out = inference_model(m, "bf16", compile=True, max_autotune=True).forward_features(x)["cls"].float()
+        assert (out - ref).abs().max() < 5e-2 * max(1.0, ref.abs().max().item())

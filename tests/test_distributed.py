@@ -17,6 +17,10 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     man = toy_manifest(tmp_path / "data")
     cfg = micro_config(str(man), max_steps=4, ckpt_every=10, batch_size=4)
     cfg.ssl.koleo_scope = "global"          # KoLeo's neighbours over the global batch: world-size independent
+    # full-strength residual branches: with DINOv2's 1e-5 layer scale all CLS tokens nearly coincide at init, and KoLeo
+    # (-log nearest-neighbour distance) turns the ~1e-7 reduction-order differences of resumed weights into 1e-2
+    # relative on some CPUs (seen on an AVX2 Zen 3 with rtol 2e-3), which says nothing about resuming
+    cfg.model.layerscale_init = None
     ref = pretrain(cfg, tmp_path / "one")
 
     cfg.train.stop_after = 2                 # the 2-process job stops (with a checkpoint) after 2 steps
@@ -37,7 +41,5 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     assert res["resumed_from"].endswith("step_00000002") and res["finished"] and res["world_size"] == 1
     two = pd.read_csv(tmp_path / "two" / "metrics.csv")
     assert two["step"].tolist() == [0, 1, 2, 3]
-    # after an update the weights differ by reduction order (~1e-7); DINO and iBOT stay within 1e-4, while KoLeo
-    # (hence the total) amplifies it: at init all CLS tokens nearly coincide (layer-scale 1e-5) and it is -log distance
-    np.testing.assert_allclose(two[TERMS[1:4]].to_numpy(), one[TERMS[1:4]].to_numpy(), rtol=0, atol=1e-4)
-    np.testing.assert_allclose(two[["total", "koleo"]].to_numpy(), one[["total", "koleo"]].to_numpy(), rtol=2e-3)
+    # after an update the weights differ by reduction order (~1e-7), so every term agrees closely but not bitwise
+    np.testing.assert_allclose(two[TERMS].to_numpy(), one[TERMS].to_numpy(), rtol=1e-4, atol=1e-4)

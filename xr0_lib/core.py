@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #d1ed1714
 from __future__ import annotations
-import configparser, contextlib, dataclasses, os, random, types, typing
+import configparser, contextlib, dataclasses, os, random, types, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args, get_origin
@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['Precision', 'SettingsError', 'env_var_name', 'Settings', 'find_settings_file', 'get_settings', 'ConfigError',
            'config_from_dict', 'config_to_dict', 'parse_overrides', 'load_config', 'save_config', 'seed_everything',
-           'select_device', 'precision_dtype', 'autocast', 'progress']
+           'select_device', 'precision_dtype', 'native_bf16', 'resolve_precision', 'autocast', 'progress']
 
 # %% ../nbs/00_core.ipynb #d175f530
 class SettingsError(RuntimeError):
@@ -237,7 +237,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
     return seed
 
 # %% ../nbs/00_core.ipynb #84e883b7
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def select_device(name: str = "auto") -> torch.device:
@@ -253,10 +253,26 @@ def precision_dtype(precision: str) -> torch.dtype:
     if precision not in _DTYPES: raise ValueError(f"unknown precision {precision!r}; expected one of {list(_DTYPES)}")
     return _DTYPES[precision]
 
-def autocast(device: torch.device | str, precision: str = "fp32"):
-    "A context that runs the block in `precision` on `device` (mixed precision; fp32 does nothing)."
-    dt = precision_dtype(precision)
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    "Whether `device` multiplies bf16 matrices in hardware (CUDA with bf16; CPUs with AVX512-BF16 or AMX)."
     dev = torch.device(device)
+    if dev.type == "cuda": return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu": return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    "`auto` → bf16 where the device has native bf16, else fp32; a named precision is checked and returned."
+    if precision == "auto": return "bf16" if native_bf16(device) else "fp32"
+    precision_dtype(precision)
+    if precision == "bf16" and torch.device(device).type == "cpu" and not native_bf16("cpu"):
+        warnings.warn("bf16 was asked for on a CPU without AVX512-BF16 or AMX: PyTorch emulates it there, "
+                      "often 10-100x slower than fp32; precision 'auto' picks fp32 on such CPUs", stacklevel=2)
+    return precision
+
+def autocast(device: torch.device | str, precision: str = "fp32"):
+    "A context that runs the block in `precision` (`auto` resolved for `device`) on `device`; fp32 does nothing."
+    dev = torch.device(device)
+    dt = precision_dtype(resolve_precision(precision, dev) if precision == "auto" else precision)
     if dt is torch.float32: return contextlib.nullcontext()
     if dev.type == "cpu" and dt is torch.float16:
         raise ValueError("fp16 autocast on CPU is not supported; use bf16 on CPU")

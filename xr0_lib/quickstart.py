@@ -35,10 +35,10 @@ QUICKSTART_PRESETS: dict[str, dict] = {
                                          "model.heads.ibot_hidden_dim=64", "model.heads.ibot_bottleneck_dim=64",
                                          "data.global_size=56", "data.local_size=28", "data.n_local=2", "optim.epoch_length=4",
                                          "data.eval_max_images=64"]),
-    "cpu-tiny": dict(n_images=1200, image_size=112, config="cpu-tiny", max_steps=150, batch_size=16, eval_every=25, n_boot=500,
+    "cpu-tiny": dict(n_images=2400, image_size=224, config="cpu-tiny", max_steps=600, batch_size=16, eval_every=100, n_boot=500,
                      retrieval_k=10, probe_max_epochs=100, overrides=["model.depth=6", "model.heads.dino_out_dim=2048", "model.heads.ibot_out_dim=2048",
-                                                "optim.epoch_length=10", "data.eval_max_images=300"]),
-    "cpu-small": dict(n_images=4000, image_size=112, config="cpu-tiny", max_steps=1000, batch_size=32, eval_every=100, n_boot=500,
+                                                "optim.epoch_length=40", "data.eval_max_images=300"]),
+    "cpu-small": dict(n_images=4000, image_size=224, config="cpu-tiny", max_steps=1000, batch_size=32, eval_every=100, n_boot=500,
                       retrieval_k=10, probe_max_epochs=100, overrides=["optim.epoch_length=50", "data.eval_max_images=400"]),
     "paper": dict(n_images=20000, image_size=518, config="xr0-vitb14", max_steps=None, batch_size=None, eval_every=2500,
                   n_boot=500, retrieval_k=10, probe_max_epochs=None, overrides=[]),
@@ -68,7 +68,7 @@ def find_config(name: str | Path) -> Path:
     return Path(found)
 
 def quickstart_train_config(preset: dict, manifest: str | Path, seed: int = 0, device: str = "cpu",
-                            precision: str = "bf16") -> TrainConfig:
+                            precision: str = "auto") -> TrainConfig:
     "The pre-training config of a quickstart preset on `manifest` (train split; monitor on the test split)."
     m = str(manifest)
     ov = [f"data.manifest={m}", "data.split=train", f"data.eval_manifest={m}", "data.eval_split=test",

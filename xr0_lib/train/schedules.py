@@ -154,10 +154,12 @@ def param_groups(modules: dict[str, nn.Module], layerwise_decay: float = 1.0, pa
             g["params"].append(p); g["names"].append(f"{mod_name}.{name}")
     return list(fused.values())
 
-def make_optimizer(groups: list[dict], betas=(0.9, 0.999)) -> torch.optim.AdamW:
+def make_optimizer(groups: list[dict], betas=(0.9, 0.999), foreach: bool | None = None) -> torch.optim.AdamW:
     "AdamW over `param_groups` output; lr and wd are set every step by `apply_schedules`."
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(betas))
+    if foreach is None:  # torch picks multi-tensor kernels on CUDA only; on CPU they give the same bits, with less overhead
+        foreach = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, betas=tuple(betas), foreach=foreach)
 
 def apply_schedules(optimizer: torch.optim.Optimizer, values: dict[str, float]) -> None:
     "Set each group's lr and weight decay from the schedule `values` of the current iteration."

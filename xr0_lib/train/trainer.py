@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core import (ConfigError, autocast, config_to_dict, load_config, precision_dtype, progress,
-                          save_config, seed_everything, select_device)
+                          native_bf16, resolve_precision, save_config, seed_everything, select_device)
 from ..data.manifest import load_manifest, read_image
 from ..augment import collate_dino, multicrop_preset, MaskingGenerator
 from ..models import backbones
@@ -59,7 +59,7 @@ class RunConfig:
     "Length, batch, precision, checkpointing, logging and safety limits of a run."
     max_steps: int = 1000
     batch_size: int = 64                   # global: images per step over all processes
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"   # auto: bf16 where the device has it natively, else fp32
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"
@@ -442,6 +442,7 @@ def pretrain(cfg: TrainConfig | dict | str, out_dir: str | Path) -> dict:
 
 def _pretrain(cfg: TrainConfig, out: Path, ckpt_dir: Path, d: DistInfo) -> dict:
     T = cfg.train
+    T.precision = resolve_precision(T.precision, d.device)   # "auto" becomes what this device runs fast; saved so in config.yaml
     if T.batch_size % d.world: raise ConfigError(f"train.batch_size {T.batch_size} is not divisible by {d.world} processes")
     if T.precision == "fp16" and d.device.type != "cuda": raise ConfigError("train.precision=fp16 needs a GPU; use bf16 on CPU")
     seed_everything(T.seed, T.deterministic)
@@ -598,22 +599,40 @@ if __name__ == "__main__" and not _in_ipython():
     sys.exit(cli_pretrain())
 
 # %% ../../nbs/41_train.trainer.ipynb #20ab2cd5
-def _matmul_rate(device, dtype, n: int = 2048, reps: int = 5) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype); b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
+def _sync(device):
     if device.type == "cuda": torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps): a @ b
-    if device.type == "cuda": torch.cuda.synchronize()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+def _matmul_rate(device, dtype, shapes=((1024, 1024, 1024),), min_time: float = 0.05) -> tuple[float, tuple[int, int, int]]:
+    "Best FLOP/s of `F.linear` over `shapes` (M, K, N) in `dtype` on `device` at the current thread count, and its shape."
+    best, at = 0.0, None
+    for M, K, N in dict.fromkeys(tuple(int(v) for v in s) for s in shapes):
+        x = torch.randn(M, K, device=device, dtype=dtype); w = torch.randn(N, K, device=device, dtype=dtype)
+        torch.nn.functional.linear(x, w); _sync(device)
+        reps, t = 0, time.perf_counter()
+        while True:
+            torch.nn.functional.linear(x, w); reps += 1; _sync(device)
+            el = time.perf_counter() - t
+            if (reps >= 2 and el >= min_time) or el >= 1.0: break
+        if 2 * M * K * N * reps / el > best: best, at = 2 * M * K * N * reps / el, (M, K, N)
+    return best, at
+
+@contextmanager
+def _linear_shapes(module: nn.Module, into: list):
+    "Record the (M, K, N) of every `nn.Linear` call in `module` while the block runs."
+    def hook(mod, inp, out): into.append((inp[0].numel() // mod.in_features, mod.in_features, mod.out_features))
+    hs = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, nn.Linear)]
+    try: yield into
+    finally:
+        for h in hs: h.remove()
 
 def benchmark_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size: int = 112, local_size: int = 56,
-                         n_local: int = 4, precision: str = "bf16", out_dim: int = 4096, steps: int = 3,
+                         n_local: int = 4, precision: str = "auto", out_dim: int = 4096, steps: int = 3,
                          device: str = "auto") -> dict:
     "Step time, images/s, peak memory and MFU of full pre-training steps of `arch` on random batches."
     import resource
     from torch.utils.flop_counter import FlopCounterMode
     dev = select_device(device)
+    precision = resolve_precision(precision, dev)
     meta = SSLMetaArch.from_config(ModelConfig(arch=arch, heads=HeadsConfig(dino_out_dim=out_dim, ibot_out_dim=out_dim)),
                                    SSLConfig(), img_size=global_size).to(dev)
     opt = make_optimizer(param_groups(_modules(meta)))
@@ -623,17 +642,20 @@ def benchmark_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size:
         with autocast(dev, precision): loss, _ = meta(x, 0.04)
         loss.backward(); clip_grad_norms(_modules(meta), 3.0); opt.step(); opt.zero_grad(set_to_none=True)
         meta.update_teacher(0.996)
-    step()                                                   # warm-up (allocations, AdamW state)
+    shapes = []
+    with _linear_shapes(meta, shapes): step()                # warm-up (allocations, AdamW state), layer shapes
     with FlopCounterMode(display=False) as fc: step()
     flops = fc.get_total_flops()
     if dev.type == "cuda": torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(steps): step()
-    if dev.type == "cuda": torch.cuda.synchronize()
+    _sync(dev)
     dt = (time.perf_counter() - t) / steps
-    rate = _matmul_rate(dev, precision_dtype(precision))
+    # the step's matmuls run in the autocast dtype (fp32 when precision is fp32), at this thread count
+    rate, at = _matmul_rate(dev, precision_dtype(precision), [(1024, 1024, 1024)] + shapes)
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return dict(arch=arch, batch=batch, global_size=global_size, local_size=local_size, n_local=n_local,
-                precision=precision, device=str(dev), threads=torch.get_num_threads(), step_time_s=dt,
-                images_per_s=batch / dt, gflop_per_step=flops / 1e9, achieved_gflops=flops / dt / 1e9,
-                matmul_gflops=rate / 1e9, mfu=flops / dt / rate, peak_memory_gb=peak / 2**30)
+                precision=precision, device=str(dev), threads=torch.get_num_threads(), bf16_native=native_bf16(dev),
+                step_time_s=dt, images_per_s=batch / dt, gflop_per_step=flops / 1e9, achieved_gflops=flops / dt / 1e9,
+                matmul_gflops=rate / 1e9, matmul_peak_shape="x".join(map(str, at)), mfu=flops / dt / rate,
+                peak_memory_gb=peak / 2**30)
