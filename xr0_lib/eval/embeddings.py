@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import autocast, get_settings, progress, select_device
+from ..core import autocast, get_settings, progress, resolve_precision, select_device
 from ..data.manifest import load_manifest, read_image
-from ..models.backbones import load_backbone, make_eval_transform, preprocess_config
+from ..models.backbones import inference_model, load_backbone, make_eval_transform, preprocess_config
 
 # %% auto #0
 __all__ = ['TOKEN_TYPES', 'embed_batch', 'weights_hash', 'manifest_fingerprint', 'cache_key', 'token_file', 'extract_embeddings',
@@ -72,10 +72,14 @@ def manifest_fingerprint(df: pd.DataFrame) -> str:
         h.update(f"{i}\t{p}\t{s}\n".encode())
     return h.hexdigest()
 
-def cache_key(backbone_name: str, weights: str, manifest_fp: str, preprocess: dict) -> str:
-    "Folder name for one (backbone, weights, manifest, preprocessing) combination."
-    blob = json.dumps(dict(backbone=str(backbone_name), weights=weights, manifest=manifest_fp,
-                           preprocess={k: preprocess[k] for k in sorted(preprocess)}), sort_keys=True, default=str)
+def cache_key(backbone_name: str, weights: str, manifest_fp: str, preprocess: dict, precision: str = "fp32",
+              fast: bool = False) -> str:
+    "Folder name for one (backbone, weights, manifest, preprocessing, precision, fast path) combination."
+    d = dict(backbone=str(backbone_name), weights=weights, manifest=manifest_fp,
+             preprocess={k: preprocess[k] for k in sorted(preprocess)})
+    # fp32 on the plain path keeps the keys of caches written before precision and the fast path were part of the key
+    if precision != "fp32" or fast: d.update(precision=precision, fast=bool(fast))
+    blob = json.dumps(d, sort_keys=True, default=str)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(backbone_name)).name)[:40]
     return f"{safe}-{hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()}"
 
@@ -105,14 +109,15 @@ def _as_manifest(manifest) -> tuple[pd.DataFrame, str]:
 def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), img_size: int | None = None,
                        batch_size: int = 32, cache_dir: str | Path | None = None, patch_pool: int | None = None,
                        device: str = "auto", precision: str = "fp32", num_workers: int = 0, refresh: bool = False,
-                       show_progress: bool | None = None) -> dict[str, np.ndarray]:
+                       show_progress: bool | None = None, fast: bool = False) -> dict[str, np.ndarray]:
     "Embeddings of every manifest row for each token type, cached under `cache_dir` (default: settings cache_dir/embeddings)."
     tokens = _check_tokens(tokens)
     df, mname = _as_manifest(manifest)
     model, bname = _resolve_backbone(backbone, img_size)
     pcfg = preprocess_config(model)
     if img_size is not None: pcfg = dict(pcfg, size=int(img_size), crop_size=int(img_size))
-    key = cache_key(bname, weights_hash(model), manifest_fingerprint(df), pcfg)
+    precision = resolve_precision(precision, select_device(device))
+    key = cache_key(bname, weights_hash(model), manifest_fingerprint(df), pcfg, precision, fast)
     root = Path(cache_dir).expanduser() if cache_dir is not None else get_settings().cache_dir / "embeddings"
     folder = root / key
     files = {t: folder / token_file(t, patch_pool) for t in tokens}
@@ -120,7 +125,8 @@ def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), img
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
         _compute(model, df, todo, {t: files[t] for t in todo}, folder, pcfg, batch_size, patch_pool, device, precision,
-                 num_workers, show_progress, dict(backbone=bname, manifest=mname, preprocess=pcfg, n=len(df)))
+                 num_workers, show_progress, dict(backbone=bname, manifest=mname, preprocess=pcfg, n=len(df),
+                                                  precision=precision, fast=fast), fast)
     out = {t: np.load(files[t], mmap_mode="r" if t == "patch" else None) for t in tokens}
     out["valid"] = np.load(folder / "valid.npy")
     out["image_id"] = (df["image_id"].astype(str) if "image_id" in df.columns else pd.Series(range(len(df))).astype(str)).to_numpy()
@@ -128,9 +134,12 @@ def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), img
     return out
 
 def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, device, precision, num_workers,
-             show_progress, meta):
+             show_progress, meta, fast=False):
     dev = select_device(device)
     model = model.to(dev).eval()
+    # the fast path: a frozen copy with layer scale folded, weights cast once, compiled with inductor freezing
+    # (xr0_lib.models.backbones.inference_model); it pays on large manifests, compiling takes tens of seconds
+    if fast: model = inference_model(model, precision, compile=True)
     tf = make_eval_transform(pcfg)
     n = len(df); ids = df["image_id"].astype(str).tolist() if "image_id" in df.columns else [str(i) for i in range(n)]
     paths = df["abs_path"].astype(str).tolist()
@@ -186,12 +195,13 @@ def cli_embed(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-size", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--patch-pool", type=int, default=None, help="average-pool patch grids to P x P")
-    ap.add_argument("--device", default="auto"); ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--device", default="auto"); ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--fast", action="store_true", help="compiled inference copy (xr0_lib.models.backbones.inference_model); for large manifests")
     ap.add_argument("--num-workers", type=int, default=0); ap.add_argument("--refresh", action="store_true")
     a = ap.parse_args(argv)
     try:
         r = extract_embeddings(a.backbone, a.manifest, a.tokens, a.img_size, a.batch_size, a.out, a.patch_pool,
-                               a.device, a.precision, a.num_workers, a.refresh)
+                               a.device, a.precision, a.num_workers, a.refresh, fast=a.fast)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"xr0 embed: {e}", file=sys.stderr); return 2
     shapes = ", ".join(f"{t} {tuple(r[t].shape)}" for t in a.tokens)
