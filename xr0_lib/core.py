@@ -145,6 +145,9 @@ def _check_value(tp, v, where: str):
         raise ConfigError(f"{where}: expected true/false, got {v!r}")
     if tp is float:
         if isinstance(v, (int, float)) and not isinstance(v, bool): return float(v)
+        if isinstance(v, str):  # YAML 1.1 reads 3e-4 (no dot) as a string; a number is what was meant
+            try: return float(v)
+            except ValueError: pass
         raise ConfigError(f"{where}: expected a number, got {type(v).__name__} {v!r}")
     if tp is int:
         if isinstance(v, int) and not isinstance(v, bool): return v
