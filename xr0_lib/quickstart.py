@@ -20,7 +20,7 @@ from .models.backbones import create_backbone, make_eval_transform, preprocess_c
 from .train.trainer import CONFIG_DIRS, TrainConfig, find_preset, load_train_config
 from .eval.metrics import bootstrap_indices
 from .eval.retrieval import cosine_topk, precision_at_k
-from .viz.patches import image_grid, overlay_rgb, pca_patch_map, retrieval_gallery
+from .viz.patches import image_grid, overlay_rgb, patch_brightness, pca_patch_map, retrieval_gallery
 
 # %% auto #0
 __all__ = ['QUICKSTART_PRESETS', 'LOSS_TERMS', 'quickstart_preset', 'find_config', 'quickstart_train_config',
@@ -156,7 +156,7 @@ def pca_figure(backbones: dict, images: Sequence[np.ndarray], size: int) -> Figu
         tf = make_eval_transform(pp)
         x = torch.stack([tf(np.asarray(im)) for im in images])
         grid = bb.eval().forward_features(x)["patch"].float()
-        maps = pca_patch_map(grid.numpy())
+        maps = pca_patch_map(grid.numpy(), brightness=patch_brightness(x.mean(1).numpy(), grid.shape[1:3]))
         rows.append([overlay_rgb(im, maps.rgb[i], alpha=0.75) for i, im in enumerate(images)]); labels.append(name)
     return image_grid(rows, row_labels=labels, panel=1.8)
 

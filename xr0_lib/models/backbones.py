@@ -732,9 +732,10 @@ def inference_model(backbone: nn.Module, dtype: str = "bf16", compile: bool = Tr
 def benchmark_backbone_throughput(arch: str = "xr0-vits14", batch: int = 8, img_size: int = 224, dtype: str = "bf16",
                                   iters: int = 3, rounds: int = 2, compile: bool = False, fast: bool = True,
                                   compile_baseline: bool = False, seed: int = 0) -> dict:
-    "Images/s of `load_backbone` (through `inference_model`) vs transformers' Dinov2 model on the same weights, batch and dtype (CPU)."
+    "Images/s of `load_backbone` (through `inference_model`) vs transformers' Dinov2 model on the same weights, batch and dtype (CPU; `auto` dtype: bf16 where native)."
     import transformers
-    from xr0_lib.core import autocast
+    from xr0_lib.core import autocast, resolve_precision
+    dtype = resolve_precision(dtype, "cpu")
     dt = precision_dtype(dtype)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)

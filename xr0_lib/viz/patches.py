@@ -18,11 +18,11 @@ from PIL import Image
 from sklearn.decomposition import PCA
 
 # %% auto #0
-__all__ = ['as_numpy', 'PCAPatchMap', 'pca_patch_map', 'cls_attention_maps', 'upsample', 'to_rgb', 'overlay_heatmap',
-           'overlay_rgb', 'new_figure', 'image_grid', 'figure_png', 'to_patch_grid', 'grid_size', 'patch_features',
-           'attention_maps', 'patch_similarity', 'correspondence_figure', 'retrieval_gallery', 'Embedding2D',
-           'embed_2d', 'thumbnail_data_uri', 'data_uri_bytes', 'is_categorical', 'embedding_scatter', 'box_patch_mask',
-           'region_contrast', 'benchmark_patches']
+__all__ = ['as_numpy', 'PCAPatchMap', 'patch_brightness', 'pca_patch_map', 'cls_attention_maps', 'upsample', 'to_rgb',
+           'overlay_heatmap', 'overlay_rgb', 'new_figure', 'image_grid', 'figure_png', 'to_patch_grid', 'grid_size',
+           'patch_features', 'attention_maps', 'patch_similarity', 'correspondence_figure', 'retrieval_gallery',
+           'Embedding2D', 'embed_2d', 'thumbnail_data_uri', 'data_uri_bytes', 'is_categorical', 'embedding_scatter',
+           'box_patch_mask', 'region_contrast', 'benchmark_patches']
 
 # %% ../../nbs/60_viz.patches.ipynb #9d03b090
 def as_numpy(x, name: str = "array", ndim: int | Sequence[int] | None = None) -> np.ndarray:
@@ -48,16 +48,33 @@ def _minmax(a: np.ndarray, axis=0) -> np.ndarray:
     lo, hi = a.min(axis, keepdims=True), a.max(axis, keepdims=True)
     return (a - lo) / np.where(hi - lo > 1e-12, hi - lo, 1.0)
 
+def patch_brightness(images: Sequence[np.ndarray], grid_hw: tuple[int, int]) -> np.ndarray:
+    "Mean intensity of each patch cell: images (each (H,W) or (H,W,C), any size) box-averaged onto an h×w grid -> (B,h,w)."
+    h, w = grid_hw
+    out = []
+    for im in images:
+        a = np.asarray(im, np.float32)
+        if a.ndim == 3: a = a.mean(-1)
+        if a.ndim != 2: raise ValueError(f"images: expected (H, W) or (H, W, C) arrays, got shape {a.shape}")
+        out.append(np.asarray(Image.fromarray(a).resize((w, h), Image.BOX)))
+    return np.stack(out).astype(np.float32)
+
 def pca_patch_map(patch_grids, threshold: float = 0.35,
-                  sign: Literal["border", "none"] = "border",
-                  foreground: np.ndarray | None = None) -> PCAPatchMap:
+                  sign: Literal["auto", "bright", "border", "none"] = "auto",
+                  foreground: np.ndarray | None = None, brightness: np.ndarray | None = None) -> PCAPatchMap:
     "DINOv2-style PCA of patch grids (B,h,w,D) pooled over the batch -> RGB maps, foreground masks, first component."
     g = as_numpy(patch_grids, "patch_grids", 4)
     B, h, w, D = g.shape
     if B * h * w < 4: raise ValueError(f"patch_grids: need at least 4 patches in all, got shape {g.shape}")
     if not np.isfinite(g).all(): raise ValueError("patch_grids: contains NaN or infinite values")
+    if sign not in ("auto", "bright", "border", "none"): raise ValueError(f"sign must be auto, bright, border or none, not {sign!r}")
+    if sign == "auto": sign = "bright" if brightness is not None else "border"
+    if sign == "bright":
+        if brightness is None: raise ValueError("sign='bright' needs `brightness` (patch_brightness of the images)")
+        brightness = np.asarray(brightness, np.float64).reshape(B, h, w)
     X = g.reshape(-1, D).astype(np.float64)
     s = PCA(1, svd_solver="covariance_eigh").fit_transform(X)[:, 0].reshape(B, h, w)
+    if sign == "bright" and np.corrcoef(s.reshape(-1), brightness.reshape(-1))[0, 1] < 0: s = -s
     if sign == "border" and h > 2 and w > 2 and s[:, _border(h, w)].mean() > s[:, ~_border(h, w)].mean(): s = -s
     score = _minmax(s.reshape(-1), None).reshape(B, h, w)
     fg = (score > threshold) if foreground is None else np.asarray(foreground, bool).reshape(B, h, w)

@@ -16,7 +16,7 @@ import ipywidgets as W
 from torch import nn
 
 from ..core import progress, select_device
-from .patches import (pca_patch_map, patch_features, attention_maps, patch_similarity, overlay_rgb,
+from .patches import (pca_patch_map, patch_brightness, patch_features, attention_maps, patch_similarity, overlay_rgb,
                                  overlay_heatmap, image_grid, figure_png, correspondence_figure, retrieval_gallery,
                                  embed_2d, embedding_scatter, thumbnail_data_uri, data_uri_bytes, grid_size)
 
@@ -265,7 +265,8 @@ class PatchMapViewer(Viewer):
         heads = []
         for b in self.backbone.value:
             grids = s.patch_grids(b, m, pooled, self.layer.value)
-            pm = pca_patch_map(grids, threshold=self.threshold.value)
+            bright = patch_brightness([s.seen_image(b, m, r) for r in pooled], grids.shape[1:3])  # sign prior: tissue is bright
+            pm = pca_patch_map(grids, threshold=self.threshold.value, brightness=bright)
             att = s.attention(b, m, row)
             heads.append(att.shape[0] - 1)
             h = self.head.value if 0 <= self.head.value < att.shape[0] - 1 else att.shape[0] - 1
