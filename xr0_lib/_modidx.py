@@ -942,6 +942,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                         'xr0_lib/viz/widgets.py'),
                                      'xr0_lib.viz.widgets.VizSession.patch_grids': ( 'viz.widgets.html#vizsession.patch_grids',
                                                                                      'xr0_lib/viz/widgets.py'),
+                                     'xr0_lib.viz.widgets.VizSession.pca_map': ( 'viz.widgets.html#vizsession.pca_map',
+                                                                                 'xr0_lib/viz/widgets.py'),
                                      'xr0_lib.viz.widgets.VizSession.seen_image': ( 'viz.widgets.html#vizsession.seen_image',
                                                                                     'xr0_lib/viz/widgets.py'),
                                      'xr0_lib.viz.widgets.VizSession.thumbnails': ( 'viz.widgets.html#vizsession.thumbnails',

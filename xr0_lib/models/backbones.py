@@ -671,8 +671,8 @@ class InferenceBackbone(nn.Module):
         super().__init__()
         self.dtype = precision_dtype(dtype)
         m = fold_layer_scale(copy.deepcopy(backbone).eval().requires_grad_(False)).to(self.dtype)
-        self.model, self.compiled, self.pad_batches, self._largest, self.max_autotune = m, bool(compile), pad_batches, {}, False
-        self._fwd = m.forward_features
+        self.model, self.compiled, self.pad_batches, self._largest = m, bool(compile), pad_batches, {}
+        self._fwd, self.max_autotune, self.inductor_options = m.forward_features, False, None
         if compile:
             dev = next(m.parameters()).device
             if max_autotune is None: max_autotune = self.dtype != torch.float32 and not native_bf16(dev)
@@ -680,6 +680,7 @@ class InferenceBackbone(nn.Module):
             # no on-disk caches: torch 2.14 reuses a cached frozen bf16 CPP-GEMM graph for a model with other weights
             opts = {"freezing": True, "force_disable_caches": True}
             if max_autotune: opts.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+            self.inductor_options = opts
             # compilation happens at the first call (and again for a new image size): patch the config around every call,
             # because torch.compile(options=...) does not carry `freezing` and the GEMM backends through
             import torch._inductor.config as inductor_config
@@ -752,8 +753,7 @@ def benchmark_backbone_throughput(arch: str = "xr0-vits14", batch: int = 8, img_
     if fast:
         fm = inference_model(ours, dtype, compile=compile)
         fns["xr0"] = lambda: fm.forward_features(x)["cls"]
-        opts = {"freezing": True, "force_disable_caches": True} if compile else None
-        if compile and fm.max_autotune: opts.update(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+        opts = fm.inductor_options       # the transformers baseline compiles with exactly these
     else:
         fwd = torch.compile(ours) if compile else ours
         fns["xr0"] = lambda: fwd(x)["cls"]

@@ -16,7 +16,7 @@ import ipywidgets as W
 from torch import nn
 
 from ..core import progress, select_device
-from .patches import (pca_patch_map, patch_brightness, patch_features, attention_maps, patch_similarity, overlay_rgb,
+from .patches import (PCAPatchMap, pca_patch_map, patch_brightness, patch_features, attention_maps, patch_similarity, overlay_rgb,
                                  overlay_heatmap, image_grid, figure_png, correspondence_figure, retrieval_gallery,
                                  embed_2d, embedding_scatter, thumbnail_data_uri, data_uri_bytes, grid_size)
 
@@ -123,6 +123,13 @@ class VizSession:
             g = patch_features(bb, x, layers_back).float().cpu().numpy()
             for r, gi in zip(chunk, g): self._cache[("pg", backbone, manifest, r, layers_back)] = gi
         return np.stack([self._cache[("pg", backbone, manifest, r, layers_back)] for r in rows])
+
+    def pca_map(self, backbone: str, manifest: str, rows: Sequence[int], layers_back: int = 0,
+                threshold: float = 0.35) -> PCAPatchMap:
+        "`pca_patch_map` of `rows` pooled, its foreground sign taken from the brightness of the images the backbone sees."
+        grids = self.patch_grids(backbone, manifest, rows, layers_back)
+        bright = patch_brightness([self.seen_image(backbone, manifest, r) for r in rows], grids.shape[1:3])
+        return pca_patch_map(grids, threshold=threshold, brightness=bright)
 
     @torch.no_grad()
     def attention(self, backbone: str, manifest: str, row: int) -> np.ndarray:
@@ -264,9 +271,7 @@ class PatchMapViewer(Viewer):
         rows, titles, self.result = [], [], {}
         heads = []
         for b in self.backbone.value:
-            grids = s.patch_grids(b, m, pooled, self.layer.value)
-            bright = patch_brightness([s.seen_image(b, m, r) for r in pooled], grids.shape[1:3])  # sign prior: tissue is bright
-            pm = pca_patch_map(grids, threshold=self.threshold.value, brightness=bright)
+            pm = s.pca_map(b, m, pooled, self.layer.value, self.threshold.value)
             att = s.attention(b, m, row)
             heads.append(att.shape[0] - 1)
             h = self.head.value if 0 <= self.head.value < att.shape[0] - 1 else att.shape[0] - 1
