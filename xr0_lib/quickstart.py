@@ -20,14 +20,18 @@ from .models.backbones import create_backbone, make_eval_transform, preprocess_c
 from .train.trainer import CONFIG_DIRS, TrainConfig, find_preset, load_train_config
 from .eval.metrics import bootstrap_indices
 from .eval.retrieval import cosine_topk, precision_at_k
+from .eval.compare import paired_delta
 from .viz.patches import image_grid, overlay_rgb, patch_brightness, pca_patch_map, retrieval_gallery
 
 # %% auto #0
-__all__ = ['QUICKSTART_PRESETS', 'LOSS_TERMS', 'quickstart_preset', 'find_config', 'quickstart_train_config',
-           'random_init_backbone', 'retrieval_ci', 'quickstart_table', 'training_figure', 'pca_figure',
-           'gallery_figure', 'write_report', 'cli_quickstart']
+__all__ = ['PIXEL_MATCHED_CROPS', 'QUICKSTART_PRESETS', 'LOSS_TERMS', 'quickstart_preset', 'find_config',
+           'quickstart_train_config', 'random_init_backbone', 'retrieval_ci', 'retrieval_comparison',
+           'quickstart_table', 'training_figure', 'pca_figure', 'gallery_figure', 'write_report', 'cli_quickstart']
 
 # %% ../nbs/71_quickstart.ipynb #456d7c26
+# 112/56-px crops of 224-px images at about the evaluation's pixel density (zoom 0.7-1.3): see the prose above
+PIXEL_MATCHED_CROPS = ("data.global_scale=[0.15,0.5]", "data.local_scale=[0.03,0.12]")
+
 QUICKSTART_PRESETS: dict[str, dict] = {
     "ci": dict(n_images=160, image_size=56, config="cpu-tiny", max_steps=16, batch_size=8, eval_every=8, n_boot=100,
                retrieval_k=5, probe_max_epochs=20, overrides=["model.arch=xr0-vitp14", "model.heads.dino_out_dim=256", "model.heads.ibot_out_dim=256",
@@ -37,9 +41,9 @@ QUICKSTART_PRESETS: dict[str, dict] = {
                                          "data.eval_max_images=64"]),
     "cpu-tiny": dict(n_images=2400, image_size=224, config="cpu-tiny", max_steps=600, batch_size=16, eval_every=100, n_boot=500,
                      retrieval_k=10, probe_max_epochs=100, overrides=["model.depth=6", "model.heads.dino_out_dim=2048", "model.heads.ibot_out_dim=2048",
-                                                "optim.epoch_length=40", "data.eval_max_images=300"]),
+                                                "optim.epoch_length=40", "data.eval_max_images=300", *PIXEL_MATCHED_CROPS]),
     "cpu-small": dict(n_images=4000, image_size=224, config="cpu-tiny", max_steps=1000, batch_size=32, eval_every=100, n_boot=500,
-                      retrieval_k=10, probe_max_epochs=100, overrides=["optim.epoch_length=50", "data.eval_max_images=400"]),
+                      retrieval_k=10, probe_max_epochs=100, overrides=["optim.epoch_length=50", "data.eval_max_images=400", *PIXEL_MATCHED_CROPS]),
     "paper": dict(n_images=20000, image_size=518, config="xr0-vitb14", max_steps=None, batch_size=None, eval_every=2500,
                   n_boot=500, retrieval_k=10, probe_max_epochs=None, overrides=[]),
 }
@@ -91,7 +95,7 @@ def random_init_backbone(cfg: TrainConfig, img_size: int, seed: int = 0, layersc
 
 # %% ../nbs/71_quickstart.ipynb #5cb29e48
 def retrieval_ci(emb, labels, query: np.ndarray | None = None, k: int = 10, ids=None, n_boot: int = 500,
-                 seed: int = 0, confidence: float = 0.95) -> dict:
+                 seed: int = 0, confidence: float = 0.95, return_replicates: bool = False) -> dict:
     "Mean precision@k of the `query` rows (bool mask or positions; default all) against every row, with a bootstrap CI."
     emb = np.asarray(emb, np.float32); labels = np.asarray(labels, dtype=object)
     if len(emb) != len(labels): raise ValueError(f"{len(emb)} embeddings for {len(labels)} labels")
@@ -106,7 +110,22 @@ def retrieval_ci(emb, labels, query: np.ndarray | None = None, k: int = 10, ids=
     reps = np.array([p[i].mean() for i in bootstrap_indices(len(p), n_boot, seed)])
     a = (1 - confidence) / 2
     lo, hi = np.quantile(reps, [a, 1 - a])
-    return dict(value=float(p.mean()), ci_low=float(lo), ci_high=float(hi), n_queries=len(qi), n_candidates=len(ci), k=k)
+    r = dict(value=float(p.mean()), ci_low=float(lo), ci_high=float(hi), n_queries=len(qi), n_candidates=len(ci), k=k)
+    return dict(r, replicates=reps) if return_replicates else r
+
+def retrieval_comparison(embs: dict, labels, task: str, reference: str | None = None, **kw) -> list[dict]:
+    """`retrieval_ci` of each backbone's embeddings (name → array) on the same resampled queries → tidy records;
+    with `reference`, each other backbone's record carries the paired Δ columns of `compare_backbones`."""
+    res = {n: retrieval_ci(e, labels, return_replicates=True, **kw) for n, e in embs.items()}
+    if reference is not None and reference not in res: raise ValueError(f"reference {reference!r} is not among {list(res)}")
+    recs = []
+    for n, r in res.items():
+        rec = dict(backbone=n, task=task, evaluation=f"retrieval P@{r['k']}", **{k: v for k, v in r.items() if k != "replicates"})
+        if reference is not None:
+            row = lambda m: pd.Series(dict(model=m, value=res[m]["value"], replicates=res[m]["replicates"]))
+            rec.update(paired_delta(row(n), row(reference), reference))
+        recs.append(rec)
+    return recs
 
 # %% ../nbs/71_quickstart.ipynb #ee29aca2
 def quickstart_table(tidy: pd.DataFrame, baseline: str = "random init", model: str = "pre-trained",
@@ -114,16 +133,22 @@ def quickstart_table(tidy: pd.DataFrame, baseline: str = "random init", model: s
     "Baseline vs model per (task, evaluation): value [95% CI] cells and a 'pre-training wins' verdict."
     need = {"backbone", "task", "evaluation", "value", "ci_low", "ci_high"}
     if need - set(tidy.columns): raise ValueError(f"tidy results lack column(s) {sorted(need - set(tidy.columns))}")
+    paired = {"delta", "delta_ci_low", "delta_ci_high"} <= set(tidy.columns)
+    f = lambda v, lo, hi, sign="": f"{v:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
     rows = []
     for (task, ev), g in tidy.groupby(["task", "evaluation"], sort=False):
         r = {b: g[g.backbone == b].iloc[0] if (g.backbone == b).any() else None for b in (baseline, model)}
-        cell = lambda x: "n/a" if x is None or pd.isna(x.value) else f"{x.value:.{digits}f} [{x.ci_low:.{digits}f}, {x.ci_high:.{digits}f}]"
+        cell = lambda x: "n/a" if x is None or pd.isna(x.value) else f(x.value, x.ci_low, x.ci_high)
         b, m = r[baseline], r[model]
+        has_d = paired and m is not None and not pd.isna(m.get("delta_ci_low", np.nan))
         if b is None or m is None or pd.isna(b.value) or pd.isna(m.value): verdict = "n/a"
         elif m.ci_low > b.ci_high: verdict = "yes (CIs apart)"
-        elif m.value > b.value: verdict = "higher, CIs overlap"
+        elif has_d and m.delta_ci_low > 0: verdict = "yes (paired Δ CI above 0)"
+        elif m.value > b.value: verdict = "higher, not significant" if has_d else "higher, CIs overlap"
         else: verdict = "no"
-        rows.append({"task": task, "evaluation": ev, baseline: cell(b), model: cell(m), "pre-training wins": verdict})
+        row = {"task": task, "evaluation": ev, baseline: cell(b), model: cell(m)}
+        if paired: row["Δ [paired 95% CI]"] = f(m.delta, m.delta_ci_low, m.delta_ci_high, "+") if has_d else "n/a"
+        rows.append(dict(row, **{"pre-training wins": verdict}))
     return pd.DataFrame(rows)
 
 # %% ../nbs/71_quickstart.ipynb #063625d1
@@ -179,13 +204,16 @@ def write_report(out_dir: str | Path, table: pd.DataFrame, figures: dict[str, Fi
             p = out / f"{name}.png"; f.savefig(p, dpi=90); files[name] = p.name
         else: files[name] = Path(f).name if Path(f).parent.resolve() == out.resolve() else str(f)
     wins = table[table["pre-training wins"].str.startswith("yes")]
+    apart = table[table["pre-training wins"] == "yes (CIs apart)"]
     lines = ["# xr0 quickstart: pre-trained vs random init on the phantom set", "",
              f"Preset `{params.get('preset')}`, seed {params.get('seed')}: {params.get('n_images')} phantom images at "
              f"{params.get('image_size')} px, {params.get('max_steps')} pre-training steps of `{params.get('arch')}` "
              f"(DINO + iBOT + KoLeo), evaluated against the same architecture at random init.", "",
              "## Results (value [95% bootstrap CI])", "", table.to_markdown(index=False), "",
-             f"Pre-training wins with non-overlapping 95% CIs on {len(wins)} of {len(table)} rows"
-             + (f" ({', '.join(sorted(set(wins.task)))})." if len(wins) else "."), ""]
+             f"Pre-training wins on {len(wins)} of {len(table)} rows"
+             + (f" ({', '.join(dict.fromkeys(wins.task + ' ' + wins.evaluation))})" if len(wins) else "")
+             + f"; on {len(apart)} of them even the marginal 95% CIs are apart. A win means the paired bootstrap 95% CI of"
+             " the difference (both models on the same resampled test rows) lies above 0.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     lines += ["## Figures", ""] + [f"### {n.replace('_', ' ')}\n\n![{n}]({p})\n" for n, p in files.items()]
     lines += ["## Run", "", "```yaml", yaml.safe_dump({"params": params, "timings_s": timings or {}}, sort_keys=False).strip(), "```", ""]

@@ -16,13 +16,13 @@ from ..core import progress
 from ..data.manifest import load_fraction_split, load_manifest
 from .embeddings import extract_embeddings
 from ..models.backbones import load_backbone
-from .metrics import bootstrap_indices, bootstrap_metric
+from .metrics import bootstrap_indices, bootstrap_metric, paired_difference
 from .probes import (encode_labels, fit_linear_protocol, fit_mlp_probe, fit_patch_probe, fraction_subset,
                                  knn_predict_proba)
 
 # %% auto #0
-__all__ = ['HEADLINE', 'task_labels', 'compare_backbones', 'summarise', 'wide_table', 'to_markdown', 'plot_comparison',
-           'phantom_pretraining_comparison']
+__all__ = ['HEADLINE', 'task_labels', 'paired_delta', 'compare_backbones', 'summarise', 'wide_table', 'to_markdown',
+           'plot_comparison', 'phantom_pretraining_comparison']
 
 # %% ../../nbs/55_eval.compare.ipynb #75d06b24
 HEADLINE = {"binary": "auroc", "multilabel": "auroc", "multiclass": "mcc"}
@@ -58,15 +58,25 @@ def _fit(probe, emb, tr, va, te, y, kind, seed, kw):
         return fit_linear_protocol(sub(tr), y[tr], sub(va), y[va], kind, seed=seed, **kw).predict_proba(sub(te))
     raise ValueError(f"unknown probe {probe!r}; choose from {list(_TOKENS)}")
 
+def paired_delta(row, ref, reference: str) -> dict:
+    "Columns for `row` − `ref` (both with `value` and bootstrap `replicates` on shared resamples): point Δ, CI, p."
+    if row.model == reference: return dict(reference=reference, delta=np.nan, delta_ci_low=np.nan, delta_ci_high=np.nan, delta_p=np.nan)
+    d = paired_difference(row.replicates, ref.replicates)
+    return dict(reference=reference, delta=float(row.value - ref.value), delta_ci_low=d["ci_low"], delta_ci_high=d["ci_high"],
+                delta_p=d["pvalue"])
+
 def compare_backbones(backbones: Mapping[str, str | Path | nn.Module], manifest, tasks: Sequence | Mapping,
                       fractions: Sequence[float] = (0.01, 0.1, 1.0), seeds: Sequence[int] = range(5),
                       probes: Sequence[str] = ("mlp",), metrics: Sequence[str] = ("auroc", "auprc", "mcc", "accuracy"),
                       n_boot: int = 500, boot_seed: int = 0, img_size: int | None = None, batch_size: int = 32,
                       cache_dir: str | Path | None = None, patch_pool: int | None = None, fraction_dir: str | Path | None = None,
                       probe_kwargs: Mapping[str, dict] | None = None, embeddings: Mapping[str, dict] | None = None,
-                      show_progress: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Probe every backbone on every task × fraction × seed; → (tidy results with CIs, wide headline table)."
+                      reference: str | None = None, show_progress: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Probe every backbone on every task × fraction × seed; → (tidy results with CIs, wide headline table).
+    With `reference` (a backbone name), every other backbone's rows also carry its paired difference to it."""
     df = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest)
+    if reference is not None and reference not in backbones:
+        raise ValueError(f"reference backbone {reference!r} is not among {list(backbones)}")
     if "split" not in df.columns: raise ValueError("manifest has no 'split' column (train/val/test)")
     bad = [p for p in probes if p not in _TOKENS]
     if bad: raise ValueError(f"unknown probe(s) {bad}; choose from {list(_TOKENS)}")
@@ -97,10 +107,12 @@ def compare_backbones(backbones: Mapping[str, str | Path | nn.Module], manifest,
             preds = {name: _fit(p, e, tr, va, te, y, kind, s, probe_kwargs.get(p, {})) for name, e in embs.items()}
             for m in metrics:
                 bs = bootstrap_metric(y[te], preds, m, kind=kind, indices=idx)
+                ref = bs[bs.model == reference].iloc[0] if reference is not None else None
                 for _, r in bs.iterrows():
                     rows.append(dict(backbone=r.model, task=tname, kind=kind, probe=p, fraction=f, seed=s, metric=m,
                                      value=r.value, ci_low=r.ci_low, ci_high=r.ci_high, n_train=len(tr), n_val=len(va),
                                      n_test=len(te), n_excluded=int((~valid).sum()), n_boot_dropped=r.n_dropped))
+                    if ref is not None: rows[-1].update(paired_delta(r, ref, reference))
     tidy = pd.DataFrame(rows)
     return tidy, wide_table(tidy)
 

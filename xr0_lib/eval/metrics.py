@@ -218,11 +218,13 @@ def mann_whitney(a, b, alternative: str = "two-sided") -> dict:
     return dict(statistic=float(r.statistic), pvalue=float(r.pvalue))
 
 def paired_difference(reps_a, reps_b, confidence: float = 0.95) -> dict:
-    "Mean and percentile CI of replicate-wise differences a − b (replicates must come from shared indices)."
+    """Mean and percentile CI of replicate-wise differences a − b (replicates must come from shared indices), and
+    the two-sided bootstrap p-value: twice the smaller share of differences on either side of 0 (at most 1)."""
     d = np.asarray(reps_a, float) - np.asarray(reps_b, float); d = d[~np.isnan(d)]
     a = (1 - confidence) / 2
     lo, hi = np.quantile(d, [a, 1 - a]) if len(d) else (np.nan, np.nan)
-    return dict(mean=float(d.mean()) if len(d) else np.nan, ci_low=float(lo), ci_high=float(hi), n=len(d))
+    p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())) if len(d) else np.nan
+    return dict(mean=float(d.mean()) if len(d) else np.nan, ci_low=float(lo), ci_high=float(hi), pvalue=float(p), n=len(d))
 
 # %% ../../nbs/53_eval.metrics.ipynb #9e596041
 def aggregate_by_study(study_ids, y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -46,6 +46,9 @@ class DataConfig:
     n_local: int | None = None
     global_scale: tuple[float, float] | None = None
     local_scale: tuple[float, float] | None = None
+    blur_p: tuple[float, float, float] | None = None   # blur probability of global 1, global 2, local crops
+    blur_sigma: tuple[float, float] | None = None      # Gaussian blur sigma range, in crop pixels
+    solarize_p: float | None = None                    # solarisation probability of the second global crop
     mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)
     mask_probability: float = 0.5
     num_workers: int = 0
@@ -240,8 +243,9 @@ class StepCollate:
 
 # %% ../../nbs/41_train.trainer.ipynb #65653a90
 def build_multicrop(cfg: DataConfig):
-    "The `MultiCrop` of `cfg`: the named preset with any size/scale overrides."
-    kw = {k: getattr(cfg, k) for k in ("global_size", "local_size", "n_local", "global_scale", "local_scale")
+    "The `MultiCrop` of `cfg`: the named preset with any size, scale, blur or solarisation overrides."
+    kw = {k: getattr(cfg, k) for k in ("global_size", "local_size", "n_local", "global_scale", "local_scale", "blur_p",
+                                       "blur_sigma", "solarize_p")
           if getattr(cfg, k) is not None}
     return multicrop_preset(cfg.multicrop, **kw)
 

@@ -22,7 +22,7 @@ __all__ = ['as_numpy', 'PCAPatchMap', 'patch_brightness', 'pca_patch_map', 'cls_
            'overlay_heatmap', 'overlay_rgb', 'new_figure', 'image_grid', 'figure_png', 'to_patch_grid', 'grid_size',
            'patch_features', 'attention_maps', 'patch_similarity', 'correspondence_figure', 'retrieval_gallery',
            'Embedding2D', 'embed_2d', 'thumbnail_data_uri', 'data_uri_bytes', 'is_categorical', 'embedding_scatter',
-           'box_patch_mask', 'region_contrast', 'benchmark_patches']
+           'box_patch_mask', 'region_contrast', 'region_visibility', 'benchmark_patches']
 
 # %% ../../nbs/60_viz.patches.ipynb #9d03b090
 def as_numpy(x, name: str = "array", ndim: int | Sequence[int] | None = None) -> np.ndarray:
@@ -339,6 +339,27 @@ def region_contrast(maps, regions, within=None) -> float:
     i, o = a[r], a[rest]
     spread = np.sqrt((i.var(0).sum() + o.var(0).sum()) / 2)
     return float(np.linalg.norm(i.mean(0) - o.mean(0)) / max(spread, 1e-6))
+
+# %% ../../nbs/60_viz.patches.ipynb #f3611749
+def region_visibility(maps, regions, foreground, n_decoys: int = 100, seed: int = 0) -> dict:
+    "Is `regions` (B,h,w) distinct in the coloured (`foreground`) patches of `maps` (B,h,w,C), against shifted decoy regions?"
+    a = as_numpy(maps, "maps", (3, 4))
+    r, fg = np.asarray(regions, bool), np.asarray(foreground, bool)
+    if r.shape != a.shape[:3] or fg.shape != a.shape[:3]:
+        raise ValueError(f"regions {r.shape} and foreground {fg.shape} must both match maps {a.shape[:3]}")
+    if not r.any(): raise ValueError("regions: no patch is marked")
+    g = np.random.default_rng(seed)
+    h, w = r.shape[1:]
+    c = region_contrast(a, r & fg, within=fg)
+    dec = []
+    for _ in range(n_decoys):
+        d = np.stack([np.roll(m, (int(g.integers(h)), int(g.integers(w))), (0, 1)) for m in r]) & ~r
+        dec.append(region_contrast(a, d & fg, within=fg))
+    dec = np.asarray(dec, float); dec = dec[np.isfinite(dec)]
+    p95 = float(np.percentile(dec, 95)) if len(dec) else float("nan")
+    p = float((1 + (dec >= c).sum()) / (1 + len(dec))) if np.isfinite(c) and len(dec) else float("nan")
+    return dict(in_foreground=float(fg[r].mean()), contrast=c, decoy_mean=float(dec.mean()) if len(dec) else float("nan"),
+                decoy_p95=p95, p_value=p, visible=bool(np.isfinite(c) and c > p95))
 
 # %% ../../nbs/60_viz.patches.ipynb #926cc486
 def benchmark_patches(n_images: int = 8, grid: int = 37, dim: int = 384, n_embed: int = 500, seed: int = 0) -> dict:
