@@ -349,6 +349,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'xr0_lib.eval.compare.plot_comparison': ( 'eval.compare.html#plot_comparison',
                                                                                 'xr0_lib/eval/compare.py'),
                                       'xr0_lib.eval.compare.summarise': ('eval.compare.html#summarise', 'xr0_lib/eval/compare.py'),
+                                      'xr0_lib.eval.compare.summarise_deltas': ( 'eval.compare.html#summarise_deltas',
+                                                                                 'xr0_lib/eval/compare.py'),
                                       'xr0_lib.eval.compare.task_labels': ('eval.compare.html#task_labels', 'xr0_lib/eval/compare.py'),
                                       'xr0_lib.eval.compare.to_markdown': ('eval.compare.html#to_markdown', 'xr0_lib/eval/compare.py'),
                                       'xr0_lib.eval.compare.wide_table': ('eval.compare.html#wide_table', 'xr0_lib/eval/compare.py')},

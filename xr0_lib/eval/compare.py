@@ -21,8 +21,8 @@ from .probes import (encode_labels, fit_linear_protocol, fit_mlp_probe, fit_patc
                                  knn_predict_proba)
 
 # %% auto #0
-__all__ = ['HEADLINE', 'task_labels', 'paired_delta', 'compare_backbones', 'summarise', 'wide_table', 'to_markdown',
-           'plot_comparison', 'phantom_pretraining_comparison']
+__all__ = ['HEADLINE', 'task_labels', 'paired_delta', 'compare_backbones', 'summarise', 'summarise_deltas', 'wide_table',
+           'to_markdown', 'plot_comparison', 'phantom_pretraining_comparison']
 
 # %% ../../nbs/55_eval.compare.ipynb #75d06b24
 HEADLINE = {"binary": "auroc", "multilabel": "auroc", "multiclass": "mcc"}
@@ -124,6 +124,15 @@ def summarise(tidy: pd.DataFrame) -> pd.DataFrame:
                 n_seeds=("seed", "nunique"), n_train=("n_train", "mean"), n_test=("n_test", "first")).reset_index()
     out["std"] = out["std"].fillna(0.0)
     return out
+
+def summarise_deltas(tidy: pd.DataFrame) -> pd.DataFrame:
+    "Paired differences to the reference (from `compare_backbones(..., reference=...)`) per backbone × task × probe × fraction × metric: mean Δ and CI bounds over seeds, and in how many seeds the CI lies above 0."
+    if "delta" not in tidy.columns: raise ValueError("tidy results have no paired differences: pass reference=... to compare_backbones")
+    d = tidy.dropna(subset=["delta"])
+    return d.groupby(["reference", "backbone", "task", "probe", "fraction", "metric"], sort=False).agg(
+        delta=("delta", "mean"), delta_ci_low=("delta_ci_low", "mean"), delta_ci_high=("delta_ci_high", "mean"),
+        seeds_above_0=("delta_ci_low", lambda s: int((s > 0).sum())), seeds_below_0=("delta_ci_high", lambda s: int((s < 0).sum())),
+        n_seeds=("seed", "nunique")).reset_index()
 
 def wide_table(tidy: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     "Backbones × (task, probe, fraction) of the mean over seeds; `metric=None` takes each task's headline metric."
