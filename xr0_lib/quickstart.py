@@ -121,9 +121,7 @@ def retrieval_comparison(embs: dict, labels, task: str, reference: str | None = 
     recs = []
     for n, r in res.items():
         rec = dict(backbone=n, task=task, evaluation=f"retrieval P@{r['k']}", **{k: v for k, v in r.items() if k != "replicates"})
-        if reference is not None:
-            row = lambda m: pd.Series(dict(model=m, value=res[m]["value"], replicates=res[m]["replicates"]))
-            rec.update(paired_delta(row(n), row(reference), reference))
+        if reference is not None: rec.update(paired_delta(dict(r, model=n), dict(res[reference], model=reference)))
         recs.append(rec)
     return recs
 

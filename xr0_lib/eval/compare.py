@@ -58,11 +58,11 @@ def _fit(probe, emb, tr, va, te, y, kind, seed, kw):
         return fit_linear_protocol(sub(tr), y[tr], sub(va), y[va], kind, seed=seed, **kw).predict_proba(sub(te))
     raise ValueError(f"unknown probe {probe!r}; choose from {list(_TOKENS)}")
 
-def paired_delta(row, ref, reference: str) -> dict:
-    "Columns for `row` − `ref` (both with `value` and bootstrap `replicates` on shared resamples): point Δ, CI, p."
-    if row.model == reference: return dict(reference=reference, delta=np.nan, delta_ci_low=np.nan, delta_ci_high=np.nan, delta_p=np.nan)
-    d = paired_difference(row.replicates, ref.replicates)
-    return dict(reference=reference, delta=float(row.value - ref.value), delta_ci_low=d["ci_low"], delta_ci_high=d["ci_high"],
+def paired_delta(row, ref) -> dict:
+    "Columns for `row` − `ref` (mappings with `model`, `value` and bootstrap `replicates` on shared resamples): point Δ, CI, p."
+    if row["model"] == ref["model"]: return dict(reference=ref["model"], delta=np.nan, delta_ci_low=np.nan, delta_ci_high=np.nan, delta_p=np.nan)
+    d = paired_difference(row["replicates"], ref["replicates"])
+    return dict(reference=ref["model"], delta=float(row["value"] - ref["value"]), delta_ci_low=d["ci_low"], delta_ci_high=d["ci_high"],
                 delta_p=d["pvalue"])
 
 def compare_backbones(backbones: Mapping[str, str | Path | nn.Module], manifest, tasks: Sequence | Mapping,
@@ -112,7 +112,7 @@ def compare_backbones(backbones: Mapping[str, str | Path | nn.Module], manifest,
                     rows.append(dict(backbone=r.model, task=tname, kind=kind, probe=p, fraction=f, seed=s, metric=m,
                                      value=r.value, ci_low=r.ci_low, ci_high=r.ci_high, n_train=len(tr), n_val=len(va),
                                      n_test=len(te), n_excluded=int((~valid).sum()), n_boot_dropped=r.n_dropped))
-                    if ref is not None: rows[-1].update(paired_delta(r, ref, reference))
+                    if ref is not None: rows[-1].update(paired_delta(r, ref))
     tidy = pd.DataFrame(rows)
     return tidy, wide_table(tidy)
 
