@@ -411,6 +411,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'xr0_lib.eval.metrics._hard': ('eval.metrics.html#_hard', 'xr0_lib/eval/metrics.py'),
                                       'xr0_lib.eval.metrics._label_names': ('eval.metrics.html#_label_names', 'xr0_lib/eval/metrics.py'),
                                       'xr0_lib.eval.metrics._per_label': ('eval.metrics.html#_per_label', 'xr0_lib/eval/metrics.py'),
+                                      'xr0_lib.eval.metrics._per_seed': ('eval.metrics.html#_per_seed', 'xr0_lib/eval/metrics.py'),
                                       'xr0_lib.eval.metrics.accuracy': ('eval.metrics.html#accuracy', 'xr0_lib/eval/metrics.py'),
                                       'xr0_lib.eval.metrics.aggregate_by_study': ( 'eval.metrics.html#aggregate_by_study',
                                                                                    'xr0_lib/eval/metrics.py'),

@@ -34,18 +34,18 @@ PIXEL_MATCHED_CROPS = ("data.global_scale=[0.15,0.5]", "data.local_scale=[0.03,0
 
 QUICKSTART_PRESETS: dict[str, dict] = {
     "ci": dict(n_images=160, image_size=56, config="cpu-tiny", max_steps=16, batch_size=8, eval_every=8, n_boot=100,
-               retrieval_k=5, probe_max_epochs=20, overrides=["model.arch=xr0-vitp14", "model.heads.dino_out_dim=256", "model.heads.ibot_out_dim=256",
+               retrieval_k=5, probe_max_epochs=20, probe_seeds=2, overrides=["model.arch=xr0-vitp14", "model.heads.dino_out_dim=256", "model.heads.ibot_out_dim=256",
                                          "model.heads.dino_hidden_dim=64", "model.heads.dino_bottleneck_dim=64",
                                          "model.heads.ibot_hidden_dim=64", "model.heads.ibot_bottleneck_dim=64",
                                          "data.global_size=56", "data.local_size=28", "data.n_local=2", "optim.epoch_length=4",
                                          "data.eval_max_images=64"]),
     "cpu-tiny": dict(n_images=2400, image_size=224, config="cpu-tiny", max_steps=600, batch_size=16, eval_every=100, n_boot=500,
-                     retrieval_k=10, probe_max_epochs=100, overrides=["model.depth=6", "model.heads.dino_out_dim=2048", "model.heads.ibot_out_dim=2048",
+                     retrieval_k=10, probe_max_epochs=100, probe_seeds=5, overrides=["model.depth=6", "model.heads.dino_out_dim=2048", "model.heads.ibot_out_dim=2048",
                                                 "optim.epoch_length=40", "data.eval_max_images=300", *PIXEL_MATCHED_CROPS]),
     "cpu-small": dict(n_images=4000, image_size=224, config="cpu-tiny", max_steps=1000, batch_size=32, eval_every=100, n_boot=500,
-                      retrieval_k=10, probe_max_epochs=100, overrides=["optim.epoch_length=50", "data.eval_max_images=400", *PIXEL_MATCHED_CROPS]),
+                      retrieval_k=10, probe_max_epochs=100, probe_seeds=5, overrides=["optim.epoch_length=50", "data.eval_max_images=400", *PIXEL_MATCHED_CROPS]),
     "paper": dict(n_images=20000, image_size=518, config="xr0-vitb14", max_steps=None, batch_size=None, eval_every=2500,
-                  n_boot=500, retrieval_k=10, probe_max_epochs=None, overrides=[]),
+                  n_boot=500, retrieval_k=10, probe_max_epochs=None, probe_seeds=5, overrides=[]),
 }
 
 def quickstart_preset(name: str, **overrides) -> dict:

@@ -71,9 +71,12 @@ def compare_backbones(backbones: Mapping[str, str | Path | nn.Module], manifest,
                       n_boot: int = 500, boot_seed: int = 0, img_size: int | None = None, batch_size: int = 32,
                       cache_dir: str | Path | None = None, patch_pool: int | None = None, fraction_dir: str | Path | None = None,
                       probe_kwargs: Mapping[str, dict] | None = None, embeddings: Mapping[str, dict] | None = None,
-                      reference: str | None = None, show_progress: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      reference: str | None = None, seed_mean: bool = False,
+                      show_progress: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Probe every backbone on every task × fraction × seed; → (tidy results with CIs, wide headline table).
-    With `reference` (a backbone name), every other backbone's rows also carry its paired difference to it."""
+    With `reference` (a backbone name), every other backbone's rows also carry its paired difference to it.
+    With `seed_mean=True` the seeds of one task × fraction are scored together: one row per backbone × probe ×
+    metric whose value, CI and paired Δ are those of the mean over seeds (`seed="mean"`, `n_seeds`, `seed_sd`)."""
     df = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest)
     if reference is not None and reference not in backbones:
         raise ValueError(f"reference backbone {reference!r} is not among {list(backbones)}")
@@ -91,27 +94,34 @@ def compare_backbones(backbones: Mapping[str, str | Path | nn.Module], manifest,
     valid = np.logical_and.reduce([np.asarray(e["valid"], bool) for e in embs.values()])
     split = df["split"].astype(str).to_numpy()
     rows = []
-    combos = [(t, f, s) for t in tasks for f in fractions for s in seeds]
-    for tname, f, s in progress(combos, desc="compare", disable=None if show_progress is None else not show_progress):
+    seeds = list(seeds)
+    # one group = the seeds scored together: all of them (seed_mean) or each on its own
+    groups = [(t, f, seeds) for t in tasks for f in fractions] if seed_mean else [(t, f, [s]) for t in tasks for f in fractions for s in seeds]
+    for tname, f, ss in progress(groups, desc="compare", disable=None if show_progress is None else not show_progress):
         y, known, kind, _ = task_labels(df, tasks[tname])
         use = known & valid
         trn_pos = np.flatnonzero((split == "train") & use)   # positions, never index labels (which may repeat)
         trn = df.iloc[trn_pos].reset_index(drop=True)
-        if fraction_dir is not None: sub = load_fraction_split(fraction_dir, f, s, trn).index.to_numpy()
-        else: sub = fraction_subset(trn, f, s, label_col=tasks[tname] if isinstance(tasks[tname], str) else None)
-        tr, va, te = trn_pos[sub], np.flatnonzero((split == "val") & use), np.flatnonzero((split == "test") & use)
-        if min(len(tr), len(va), len(te)) == 0:
-            raise ValueError(f"task {tname!r}: {len(tr)} train / {len(va)} val / {len(te)} test rows with a label and an embedding")
+        va, te = np.flatnonzero((split == "val") & use), np.flatnonzero((split == "test") & use)
         idx = bootstrap_indices(len(te), n_boot, boot_seed)
+        preds, n_train = {p: {name: [] for name in embs} for p in probes}, []
+        for s in ss:
+            if fraction_dir is not None: sub = load_fraction_split(fraction_dir, f, s, trn).index.to_numpy()
+            else: sub = fraction_subset(trn, f, s, label_col=tasks[tname] if isinstance(tasks[tname], str) else None)
+            tr = trn_pos[sub]; n_train.append(len(tr))
+            if min(len(tr), len(va), len(te)) == 0:
+                raise ValueError(f"task {tname!r}: {len(tr)} train / {len(va)} val / {len(te)} test rows with a label and an embedding")
+            for p in probes:
+                for name, e in embs.items(): preds[p][name].append(_fit(p, e, tr, va, te, y, kind, s, probe_kwargs.get(p, {})))
         for p in probes:
-            preds = {name: _fit(p, e, tr, va, te, y, kind, s, probe_kwargs.get(p, {})) for name, e in embs.items()}
             for m in metrics:
-                bs = bootstrap_metric(y[te], preds, m, kind=kind, indices=idx)
+                bs = bootstrap_metric(y[te], preds[p], m, kind=kind, indices=idx)
                 ref = bs[bs.model == reference].iloc[0] if reference is not None else None
                 for _, r in bs.iterrows():
-                    rows.append(dict(backbone=r.model, task=tname, kind=kind, probe=p, fraction=f, seed=s, metric=m,
-                                     value=r.value, ci_low=r.ci_low, ci_high=r.ci_high, n_train=len(tr), n_val=len(va),
-                                     n_test=len(te), n_excluded=int((~valid).sum()), n_boot_dropped=r.n_dropped))
+                    rows.append(dict(backbone=r.model, task=tname, kind=kind, probe=p, fraction=f, seed="mean" if seed_mean else ss[0],
+                                     metric=m, value=r.value, ci_low=r.ci_low, ci_high=r.ci_high, n_train=int(round(np.mean(n_train))),
+                                     n_val=len(va), n_test=len(te), n_excluded=int((~valid).sum()), n_boot_dropped=r.n_dropped))
+                    if seed_mean: rows[-1].update(n_seeds=len(ss), seed_sd=float(np.std(r.seed_values, ddof=1)) if len(ss) > 1 else 0.0)
                     if ref is not None: rows[-1].update(paired_delta(r, ref))
     tidy = pd.DataFrame(rows)
     return tidy, wide_table(tidy)
@@ -122,6 +132,9 @@ def summarise(tidy: pd.DataFrame) -> pd.DataFrame:
     g = tidy.groupby(keys, sort=False)
     out = g.agg(mean=("value", "mean"), std=("value", "std"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"),
                 n_seeds=("seed", "nunique"), n_train=("n_train", "mean"), n_test=("n_test", "first")).reset_index()
+    if "seed_sd" in tidy.columns:   # seed-mean rows already hold the spread and count of the seeds they average
+        sm = g.agg(seed_sd=("seed_sd", "first"), k=("n_seeds", "first")).reset_index(drop=True)
+        out["std"] = sm.seed_sd.where(sm.seed_sd.notna(), out["std"]); out["n_seeds"] = sm.k.where(sm.k.notna(), out["n_seeds"]).astype(int)
     out["std"] = out["std"].fillna(0.0)
     return out
 
@@ -132,7 +145,7 @@ def summarise_deltas(tidy: pd.DataFrame) -> pd.DataFrame:
     return d.groupby(["reference", "backbone", "task", "probe", "fraction", "metric"], sort=False).agg(
         delta=("delta", "mean"), delta_ci_low=("delta_ci_low", "mean"), delta_ci_high=("delta_ci_high", "mean"),
         seeds_above_0=("delta_ci_low", lambda s: int((s > 0).sum())), seeds_below_0=("delta_ci_high", lambda s: int((s < 0).sum())),
-        n_seeds=("seed", "nunique")).reset_index()
+        n_seeds=("n_seeds", "first") if "n_seeds" in d.columns else ("seed", "nunique")).reset_index()
 
 def wide_table(tidy: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     "Backbones × (task, probe, fraction) of the mean over seeds; `metric=None` takes each task's headline metric."

@@ -180,32 +180,45 @@ def bootstrap_indices(n: int, n_resamples: int = 500, seed: int = 0, groups=None
     for b in range(n_resamples): out[b] = np.concatenate([members[g] for g in picks[b]])
     return out
 
+def _per_seed(name, s, n: int) -> list[np.ndarray]:
+    "One model's scores as a list of per-seed arrays (a list of arrays is several seeds; a plain list of floats is one)."
+    seeded = isinstance(s, (list, tuple)) and (not s or np.ndim(s[0]) >= 1)
+    out = [np.asarray(v) for v in s] if seeded else [np.asarray(s)]
+    if not out: raise ValueError(f"scores of {name!r} is an empty list of seeds")
+    for v in out:
+        if len(v) != n: raise ValueError(f"scores of {name!r} have {len(v)} rows, labels {n}")
+    return out
+
 def bootstrap_metric(y_true, scores: dict | np.ndarray, metric: str | Callable = "auroc", n_resamples: int = 500,
                      seed: int = 0, confidence: float = 0.95, kind: TaskKind | None = None, groups=None,
                      indices=None) -> pd.DataFrame:
     """Point value, percentile CI, median and replicates of `metric` for one or several models' `scores`
-    (dict name → scores) on the same resamples. Undefined replicates are dropped and counted in `n_dropped`."""
+    (dict name → scores) on the same resamples. Undefined replicates are dropped and counted in `n_dropped`.
+    A model's scores may be a list of arrays, one per probe-training seed: each seed is scored on every resample
+    and the seeds are averaged replicate by replicate, so the CI is that of the seed mean (`seed_values` keeps
+    each seed's point value)."""
     if not isinstance(scores, dict): scores = {"model": scores}
     fn = METRICS[metric] if isinstance(metric, str) else metric
     mname = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
     y = np.asarray(y_true)
-    kind = kind or infer_task_kind(y, next(iter(scores.values())))
+    seeds = {name: _per_seed(name, s, len(y)) for name, s in scores.items()}
+    kind = kind or infer_task_kind(y, next(iter(seeds.values()))[0])
     idx = bootstrap_indices(len(y), n_resamples, seed, groups) if indices is None else indices
     a = (1 - confidence) / 2
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name, s in scores.items():
-            s = np.asarray(s)
-            if len(s) != len(y): raise ValueError(f"scores of {name!r} have {len(s)} rows, labels {len(y)}")
-            point = fn(y, s, kind=kind)
-            reps = np.array([float(fn(y[i], s[i], kind=kind)) for i in idx])
+        for name, per_seed in seeds.items():
+            points = [fn(y, v, kind=kind) for v in per_seed]
+            point = points[0] if len(points) == 1 else float(np.mean([float(v) for v in points]))
+            # undefined-ness depends on the labels of a resample only, so a NaN replicate is NaN for every seed
+            reps = np.mean([[float(fn(y[i], v[i], kind=kind)) for i in idx] for v in per_seed], 0)
             ok = reps[~np.isnan(reps)]
             lo, hi = (np.quantile(ok, [a, 1 - a]) if len(ok) else (np.nan, np.nan))
             rows.append(dict(model=name, metric=mname, value=float(point), ci_low=float(lo), ci_high=float(hi),
                              median=float(np.median(ok)) if len(ok) else np.nan, n_resamples=len(idx),
-                             n_dropped=int(len(reps) - len(ok)), replicates=reps,
-                             undefined=getattr(point, "undefined", {})))
+                             n_dropped=int(len(reps) - len(ok)), replicates=reps, seed_values=[float(v) for v in points],
+                             undefined=getattr(points[0], "undefined", {})))
     return pd.DataFrame(rows)
 
 # %% ../../nbs/53_eval.metrics.ipynb #c0a1e822
