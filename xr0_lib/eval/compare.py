@@ -130,11 +130,13 @@ def summarise(tidy: pd.DataFrame) -> pd.DataFrame:
     "Mean and spread over seeds (and the mean CI bounds) per backbone × task × probe × fraction × metric."
     keys = ["backbone", "task", "kind", "probe", "fraction", "metric"]
     g = tidy.groupby(keys, sort=False)
+    seed_rows = "seed_sd" in tidy.columns   # seed-mean rows already hold the spread and count of the seeds they average
     out = g.agg(mean=("value", "mean"), std=("value", "std"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"),
-                n_seeds=("seed", "nunique"), n_train=("n_train", "mean"), n_test=("n_test", "first")).reset_index()
-    if "seed_sd" in tidy.columns:   # seed-mean rows already hold the spread and count of the seeds they average
-        sm = g.agg(seed_sd=("seed_sd", "first"), k=("n_seeds", "first")).reset_index(drop=True)
-        out["std"] = sm.seed_sd.where(sm.seed_sd.notna(), out["std"]); out["n_seeds"] = sm.k.where(sm.k.notna(), out["n_seeds"]).astype(int)
+                n_seeds=("seed", "nunique"), n_train=("n_train", "mean"), n_test=("n_test", "first"),
+                **(dict(seed_sd=("seed_sd", "first"), k=("n_seeds", "first")) if seed_rows else {})).reset_index()
+    if seed_rows:
+        out["std"] = out.seed_sd.where(out.seed_sd.notna(), out["std"]); out["n_seeds"] = out.k.where(out.k.notna(), out.n_seeds).astype(int)
+        out = out.drop(columns=["seed_sd", "k"])
     out["std"] = out["std"].fillna(0.0)
     return out
 

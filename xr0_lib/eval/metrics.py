@@ -210,12 +210,11 @@ def bootstrap_metric(y_true, scores: dict | np.ndarray, metric: str | Callable =
         warnings.simplefilter("ignore")
         for name, per_seed in seeds.items():
             points = [fn(y, v, kind=kind) for v in per_seed]
-            point = points[0] if len(points) == 1 else float(np.mean([float(v) for v in points]))
             # undefined-ness depends on the labels of a resample only, so a NaN replicate is NaN for every seed
             reps = np.mean([[float(fn(y[i], v[i], kind=kind)) for i in idx] for v in per_seed], 0)
             ok = reps[~np.isnan(reps)]
             lo, hi = (np.quantile(ok, [a, 1 - a]) if len(ok) else (np.nan, np.nan))
-            rows.append(dict(model=name, metric=mname, value=float(point), ci_low=float(lo), ci_high=float(hi),
+            rows.append(dict(model=name, metric=mname, value=float(np.mean([float(v) for v in points])), ci_low=float(lo), ci_high=float(hi),
                              median=float(np.median(ok)) if len(ok) else np.nan, n_resamples=len(idx),
                              n_dropped=int(len(reps) - len(ok)), replicates=reps, seed_values=[float(v) for v in points],
                              undefined=getattr(points[0], "undefined", {})))
