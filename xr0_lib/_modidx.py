@@ -862,6 +862,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'xr0_lib.viz.patches.patch_similarity': ( 'viz.patches.html#patch_similarity',
                                                                                'xr0_lib/viz/patches.py'),
                                      'xr0_lib.viz.patches.pca_patch_map': ('viz.patches.html#pca_patch_map', 'xr0_lib/viz/patches.py'),
+                                     'xr0_lib.viz.patches.pixel_patch_grid': ( 'viz.patches.html#pixel_patch_grid',
+                                                                               'xr0_lib/viz/patches.py'),
                                      'xr0_lib.viz.patches.region_contrast': ('viz.patches.html#region_contrast', 'xr0_lib/viz/patches.py'),
                                      'xr0_lib.viz.patches.region_visibility': ( 'viz.patches.html#region_visibility',
                                                                                 'xr0_lib/viz/patches.py'),

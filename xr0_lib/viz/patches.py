@@ -18,11 +18,11 @@ from PIL import Image
 from sklearn.decomposition import PCA
 
 # %% auto #0
-__all__ = ['as_numpy', 'PCAPatchMap', 'patch_brightness', 'pca_patch_map', 'cls_attention_maps', 'upsample', 'to_rgb',
-           'overlay_heatmap', 'overlay_rgb', 'new_figure', 'image_grid', 'figure_png', 'to_patch_grid', 'grid_size',
-           'patch_features', 'attention_maps', 'patch_similarity', 'correspondence_figure', 'retrieval_gallery',
-           'Embedding2D', 'embed_2d', 'thumbnail_data_uri', 'data_uri_bytes', 'is_categorical', 'embedding_scatter',
-           'box_patch_mask', 'region_contrast', 'region_visibility', 'benchmark_patches']
+__all__ = ['as_numpy', 'PCAPatchMap', 'patch_brightness', 'pca_patch_map', 'pixel_patch_grid', 'cls_attention_maps', 'upsample',
+           'to_rgb', 'overlay_heatmap', 'overlay_rgb', 'new_figure', 'image_grid', 'figure_png', 'to_patch_grid',
+           'grid_size', 'patch_features', 'attention_maps', 'patch_similarity', 'correspondence_figure',
+           'retrieval_gallery', 'Embedding2D', 'embed_2d', 'thumbnail_data_uri', 'data_uri_bytes', 'is_categorical',
+           'embedding_scatter', 'box_patch_mask', 'region_contrast', 'region_visibility', 'benchmark_patches']
 
 # %% ../../nbs/60_viz.patches.ipynb #9d03b090
 def as_numpy(x, name: str = "array", ndim: int | Sequence[int] | None = None) -> np.ndarray:
@@ -85,6 +85,26 @@ def pca_patch_map(patch_grids, threshold: float = 0.35,
     rgb[np.flatnonzero(sel), :n_comp] = _minmax(Z, 0)
     rgb[~fg.reshape(-1)] = 0.0
     return PCAPatchMap(rgb.reshape(B, h, w, 3).astype(np.float32), fg, score.astype(np.float32))
+
+# %% ../../nbs/60_viz.patches.ipynb #ebbd3ed0
+def pixel_patch_grid(images: Sequence[np.ndarray], grid_hw: tuple[int, int]) -> np.ndarray:
+    "Raw pixels of each patch cell as one vector: images (each (H,W) or (H,W,C), H and W multiples of the grid) -> (B,h,w,P). uint8 is scaled to [0, 1]."
+    h, w = grid_hw
+    out = []
+    for i, im in enumerate(images):
+        a = np.asarray(im)
+        scale = 255.0 if a.dtype == np.uint8 else 1.0
+        a = a.astype(np.float32) / scale
+        if a.ndim == 2: a = a[..., None]
+        if a.ndim != 3: raise ValueError(f"images[{i}]: expected (H, W) or (H, W, C), got shape {a.shape}")
+        H, W_, C = a.shape
+        if H % h or W_ % w: raise ValueError(f"images[{i}]: size {H}x{W_} is not a multiple of the {h}x{w} patch grid")
+        ph, pw = H // h, W_ // w
+        out.append(a.reshape(h, ph, w, pw, C).transpose(0, 2, 1, 3, 4).reshape(h, w, ph * pw * C))
+    if not out: raise ValueError("images: none given")
+    shapes = {o.shape for o in out}
+    if len(shapes) > 1: raise ValueError(f"images: patch grids differ in shape {sorted(shapes)}; give images of one size")
+    return np.stack(out)
 
 # %% ../../nbs/60_viz.patches.ipynb #9cf33e15
 def cls_attention_maps(attn, grid_hw: tuple[int, int], num_prefix_tokens: int = 1,

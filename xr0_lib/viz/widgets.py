@@ -16,7 +16,7 @@ import ipywidgets as W
 from torch import nn
 
 from ..core import progress, select_device
-from .patches import (PCAPatchMap, pca_patch_map, patch_brightness, patch_features, attention_maps, patch_similarity, overlay_rgb,
+from .patches import (PCAPatchMap, pca_patch_map, patch_brightness, pixel_patch_grid, patch_features, attention_maps, patch_similarity, overlay_rgb,
                                  overlay_heatmap, image_grid, figure_png, correspondence_figure, retrieval_gallery,
                                  embed_2d, embedding_scatter, thumbnail_data_uri, data_uri_bytes, grid_size)
 
@@ -125,11 +125,12 @@ class VizSession:
         return np.stack([self._cache[("pg", backbone, manifest, r, layers_back)] for r in rows])
 
     def pca_map(self, backbone: str, manifest: str, rows: Sequence[int], layers_back: int = 0,
-                threshold: float = 0.35) -> PCAPatchMap:
-        "`pca_patch_map` of `rows` pooled, its foreground sign taken from the brightness of the images the backbone sees."
-        grids = self.patch_grids(backbone, manifest, rows, layers_back)
-        bright = patch_brightness([self.seen_image(backbone, manifest, r) for r in rows], grids.shape[1:3])
-        return pca_patch_map(grids, threshold=threshold, brightness=bright)
+                threshold: float = 0.35, pixels: bool = False) -> PCAPatchMap:
+        "`pca_patch_map` of `rows` pooled, its foreground sign taken from the brightness of the images the backbone sees; `pixels=True`: of their raw pixels on its patch grid."
+        seen = [self.seen_image(backbone, manifest, r) for r in rows]
+        if pixels: grids = pixel_patch_grid(seen, grid_size(self.backbone(backbone), self.input(backbone, manifest, rows[0])))
+        else: grids = self.patch_grids(backbone, manifest, rows, layers_back)
+        return pca_patch_map(grids, threshold=threshold, brightness=patch_brightness(seen, grids.shape[1:3]))
 
     @torch.no_grad()
     def attention(self, backbone: str, manifest: str, row: int) -> np.ndarray:
@@ -241,7 +242,7 @@ def _label_columns(df: pd.DataFrame) -> list[str]:
 class PatchMapViewer(Viewer):
     "PCA patch maps and CLS attention of one image across several backbones."
     def __init__(self, session: VizSession, backbones: Sequence[str] | None = None, manifest: str | None = None,
-                 image: int = 0, pool: int = 4, threshold: float = 0.35):
+                 image: int = 0, pool: int = 4, threshold: float = 0.35, pixels: bool = False):
         s = session
         manifest = manifest or s.manifest_names[0]
         n = len(s.manifest(manifest))
@@ -254,8 +255,10 @@ class PatchMapViewer(Viewer):
         self.layer = _slider("layers back", 0, max(depth - 1, 0), 0)
         self.head = W.Dropdown(options=[("mean", -1)], value=-1, description="head")
         self.threshold = _slider("threshold", 0.05, 0.95, threshold, 0.05, W.FloatSlider)
+        self.pixels = W.Checkbox(value=pixels, description="raw pixels", indent=False)
         self.manifest.observe(self._manifest_changed, names="value")
-        super().__init__(s, [self.backbone, self.manifest, self.img, self.pool, self.layer, self.head, self.threshold])
+        super().__init__(s, [self.backbone, self.manifest, self.img, self.pool, self.layer, self.head, self.threshold,
+                             self.pixels])
 
     def _manifest_changed(self, change):
         with self.quiet():
@@ -280,12 +283,20 @@ class PatchMapViewer(Viewer):
             titles.append(["image", f"PCA ({len(pooled)} pooled, layer −{self.layer.value})",
                            "attention, " + ("mean" if h == att.shape[0] - 1 else f"head {h}")])
             self.result[b] = dict(pca=pm, attention=att, head=h, rows=pooled)
+        labels = list(self.backbone.value)
+        if self.pixels.value:   # the same pooled images' raw pixels, on the first backbone's patch grid
+            b = labels[0]
+            pm, seen = s.pca_map(b, m, pooled, threshold=self.threshold.value, pixels=True), s.seen_image(b, m, row)
+            rows.append([seen, overlay_rgb(seen, pm.rgb[0], 0.8), None])
+            titles.append(["image", f"PCA of raw pixels ({len(pooled)} pooled)"])
+            labels.append("raw pixels")
+            self.result["raw pixels"] = dict(pca=pm, rows=pooled)
         opts = [("mean", -1)] + [(str(i), i) for i in range(max(heads))]
         if list(self.head.options) != opts:
             self._building, v = True, self.head.value
             self.head.options = opts; self.head.value = v if v < max(heads) else -1
             self._building = False
-        self.show_figure(image_grid(rows, titles, row_labels=list(self.backbone.value)))
+        self.show_figure(image_grid(rows, titles, row_labels=labels))
 
 # %% ../../nbs/61_viz.widgets.ipynb #a00c72e7
 class CorrespondenceViewer(Viewer):
