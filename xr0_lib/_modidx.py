@@ -858,6 +858,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'xr0_lib.viz.patches.overlay_rgb': ('viz.patches.html#overlay_rgb', 'xr0_lib/viz/patches.py'),
                                      'xr0_lib.viz.patches.patch_brightness': ( 'viz.patches.html#patch_brightness',
                                                                                'xr0_lib/viz/patches.py'),
+                                     'xr0_lib.viz.patches.patch_embedding_similarity': ( 'viz.patches.html#patch_embedding_similarity',
+                                                                                         'xr0_lib/viz/patches.py'),
                                      'xr0_lib.viz.patches.patch_features': ('viz.patches.html#patch_features', 'xr0_lib/viz/patches.py'),
                                      'xr0_lib.viz.patches.patch_similarity': ( 'viz.patches.html#patch_similarity',
                                                                                'xr0_lib/viz/patches.py'),

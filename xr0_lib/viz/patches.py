@@ -20,9 +20,10 @@ from sklearn.decomposition import PCA
 # %% auto #0
 __all__ = ['as_numpy', 'PCAPatchMap', 'patch_brightness', 'pca_patch_map', 'pixel_patch_grid', 'cls_attention_maps', 'upsample',
            'to_rgb', 'overlay_heatmap', 'overlay_rgb', 'new_figure', 'image_grid', 'figure_png', 'to_patch_grid',
-           'grid_size', 'patch_features', 'attention_maps', 'patch_similarity', 'correspondence_figure',
-           'retrieval_gallery', 'Embedding2D', 'embed_2d', 'thumbnail_data_uri', 'data_uri_bytes', 'is_categorical',
-           'embedding_scatter', 'box_patch_mask', 'region_contrast', 'region_visibility', 'benchmark_patches']
+           'grid_size', 'patch_features', 'attention_maps', 'patch_embedding_similarity', 'patch_similarity',
+           'correspondence_figure', 'retrieval_gallery', 'Embedding2D', 'embed_2d', 'thumbnail_data_uri',
+           'data_uri_bytes', 'is_categorical', 'embedding_scatter', 'box_patch_mask', 'region_contrast',
+           'region_visibility', 'benchmark_patches']
 
 # %% ../../nbs/60_viz.patches.ipynb #9d03b090
 def as_numpy(x, name: str = "array", ndim: int | Sequence[int] | None = None) -> np.ndarray:
@@ -213,6 +214,17 @@ def patch_features(backbone, x: torch.Tensor, layers_back: int = 0) -> torch.Ten
 def attention_maps(backbone, x: torch.Tensor, renormalize: bool = False) -> np.ndarray:
     "CLS attention maps (B, heads+1, h, w) of the last block (last map = head mean)."
     return cls_attention_maps(backbone.last_attention(x), grid_size(backbone, x), backbone.num_prefix_tokens, renormalize)
+
+# %% ../../nbs/60_viz.patches.ipynb #a0abaf32
+@torch.no_grad()
+def patch_embedding_similarity(backbone, x: torch.Tensor) -> np.ndarray:
+    "Mean cosine similarity (n_blocks,) of the patch tokens after each block with the same patches before any block, both final-normed."
+    for a in ("prepare_tokens", "get_intermediate_layers", "norm", "n_blocks"):
+        if not hasattr(backbone, a): raise TypeError(f"{type(backbone).__name__} has no `{a}`: need an xr0 DinoVisionTransformer backbone")
+    k = backbone.num_prefix_tokens
+    e = F.normalize(backbone.norm(backbone.prepare_tokens(x)[0])[:, k:].float(), dim=-1)
+    outs = backbone.get_intermediate_layers(x, backbone.n_blocks)
+    return np.array([float((F.normalize(o[:, k:].float(), dim=-1) * e).sum(-1).mean()) for o in outs])
 
 # %% ../../nbs/60_viz.patches.ipynb #91679042
 def patch_similarity(patch_a, point: tuple[int, int], patch_b) -> tuple[np.ndarray, tuple[int, int]]:
