@@ -16,6 +16,19 @@ CI_PARAMS: dict[str, dict] = {
 EXPERIMENTS = list_experiments()
 
 
+def check_explore(res: dict):
+    "explore scores the marker in three maps, pairs each two, and says how far each model's blocks moved its patch tokens."
+    assert set(res["marker"]) == {"pre-trained", "random init", "raw pixels"}, res["marker"]
+    assert set(res["marker_paired"]) == {"pre-trained vs random init", "pre-trained vs raw pixels", "random init vs raw pixels"}
+    for name in ("pre-trained", "random init"):
+        assert 0 < res["marker"][name]["patch_embedding_cosine"] <= 1 + 1e-5, res["marker"][name]
+    assert "patch_embedding_cosine" not in res["marker"]["raw pixels"]
+
+
+# What some experiments' results.json must hold beyond the common keys.
+CHECKS = {"explore": check_explore}
+
+
 def test_experiments_exist():
     assert EXPERIMENTS, "no experiment notebooks found in nbs/experiments"
 
@@ -27,3 +40,4 @@ def test_experiment_runs(name, tmp_path):
     assert (tmp_path / name / "results.json").is_file()
     assert (tmp_path / name / f"{name}.ipynb").is_file()
     json.dumps(res)  # serialisable
+    if name in CHECKS: CHECKS[name](json.loads((tmp_path / name / "results.json").read_text()))
