@@ -198,7 +198,7 @@ def to_patch_grid(t, grid_hw: tuple[int, int], num_prefix_tokens: int = 0) -> to
     raise ValueError(f"cannot read a ({h},{w}) patch grid from shape {tuple(t.shape)}")
 
 def grid_size(backbone, x: torch.Tensor) -> tuple[int, int]:
-    "Patch grid (h, w) of input `x` (B,C,H,W) for `backbone`."
+    "Patch grid (h, w) of an input or image `x` whose last two dims are (H, W), for `backbone`."
     p = backbone.patch_size
     p = p if isinstance(p, (tuple, list)) else (p, p)
     return x.shape[-2] // p[0], x.shape[-1] // p[1]

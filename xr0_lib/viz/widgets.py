@@ -128,7 +128,7 @@ class VizSession:
                 threshold: float = 0.35, pixels: bool = False) -> PCAPatchMap:
         "`pca_patch_map` of `rows` pooled, its foreground sign taken from the brightness of the images the backbone sees; `pixels=True`: of their raw pixels on its patch grid."
         seen = [self.seen_image(backbone, manifest, r) for r in rows]
-        if pixels: grids = pixel_patch_grid(seen, grid_size(self.backbone(backbone), self.input(backbone, manifest, rows[0])))
+        if pixels: grids = pixel_patch_grid(seen, grid_size(self.backbone(backbone), seen[0]))
         else: grids = self.patch_grids(backbone, manifest, rows, layers_back)
         return pca_patch_map(grids, threshold=threshold, brightness=patch_brightness(seen, grids.shape[1:3]))
 
@@ -285,8 +285,7 @@ class PatchMapViewer(Viewer):
             self.result[b] = dict(pca=pm, attention=att, head=h, rows=pooled)
         labels = list(self.backbone.value)
         if self.pixels.value:   # the same pooled images' raw pixels, on the first backbone's patch grid
-            b = labels[0]
-            pm, seen = s.pca_map(b, m, pooled, threshold=self.threshold.value, pixels=True), s.seen_image(b, m, row)
+            pm, seen = s.pca_map(labels[0], m, pooled, threshold=self.threshold.value, pixels=True), rows[0][0]
             rows.append([seen, overlay_rgb(seen, pm.rgb[0], 0.8), None])
             titles.append(["image", f"PCA of raw pixels ({len(pooled)} pooled)"])
             labels.append("raw pixels")
