@@ -24,7 +24,7 @@ def test_dataloader_end_to_end(tmp_path):
         p = tmp_path / f"x{i}.png"
         Image.fromarray(toy_radiograph(96 + 16 * i, seed=i)).save(p)  # different sizes: crops are fixed-size anyway
         paths.append(p)
-    mc = multicrop_preset("cpu-tiny")
+    mc = multicrop_preset("small")
     dl = torch.utils.data.DataLoader(_PngSet(paths, mc), batch_size=4, num_workers=0,
                                      collate_fn=partial(collate_dino, patch_size=14))
     torch.manual_seed(0); random.seed(0)

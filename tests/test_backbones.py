@@ -1,4 +1,5 @@
-"Backbone weight interop: outputs match transformers / timm / official-layout weights on tiny random models."
+"""Backbones: weight interop matches transformers / timm / official-layout weights on tiny random models; the seeded
+builder and the input size keep the numbers they had."""
 import json
 
 import numpy as np
@@ -9,8 +10,11 @@ transformers = pytest.importorskip("transformers")
 timm = pytest.importorskip("timm")
 from safetensors.torch import save_file
 
-from xr0_lib.models.backbones import (add_registers, create_backbone, export_hf, hf_pos_interp, load_backbone,
-                                      make_eval_transform, preprocess_config, save_backbone)
+from xr0_lib.augment import make_eval_transform
+from xr0_lib.models.vit import create_backbone, interpolate_pos_embed
+from xr0_lib.models.interop import add_registers, hf_pos_interp
+from xr0_lib.models.backbones import ModelConfig, build_backbone, export_hf, load_backbone, preprocess_config, save_backbone
+from xr0_lib.models.inference import inference_model
 
 TOL = 1e-4
 
@@ -238,7 +242,6 @@ def test_rad_dino_preprocessing(tmp_path):
 @pytest.mark.parametrize("registers", [0, 4])
 def test_inference_model_matches_transformers(tmp_path, registers):
     "The compiled fast path (folded layer-scale, frozen weights) keeps fp32 outputs within TOL of transformers."
-    from xr0_lib.models.backbones import inference_model
     hf = _hf_model(registers)
     hf.save_pretrained(tmp_path / "hf")
     ours = load_backbone(tmp_path / "hf").eval()
@@ -261,10 +264,62 @@ def test_inference_model_matches_transformers(tmp_path, registers):
 
 def test_inference_model_bf16_compiled_uses_its_own_weights():
     "Two models of one shape compiled on the bf16 path each give their own outputs (no stale frozen-weights cache)."
-    from xr0_lib.models.backbones import inference_model
     x = torch.randn(2, 3, 28, 28)
     for seed in (0, 1):
         m = _randomize(create_backbone("xr0-vitp14", img_size=28, depth=1).eval(), seed)
         with torch.no_grad(): ref = m.forward_features(x)["cls"]
         out = inference_model(m, "bf16", compile=True, max_autotune=True).forward_features(x)["cls"].float()
         assert (out - ref).abs().max() < 5e-2 * max(1.0, ref.abs().max().item())
+
+
+def _random_init_backbone_before(cfg: ModelConfig, img_size: int, seed: int = 0, layerscale: str = "init"):
+    "The random-init control as xr0_lib.quickstart.random_init_backbone built it before build_backbone existed."
+    layerscale_init = cfg.layerscale_init if layerscale == "init" else None
+    shape = {k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads") if getattr(cfg, k) is not None}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        m = create_backbone(cfg.arch, img_size=img_size, num_registers=cfg.num_registers, layerscale_init=layerscale_init, **shape)
+    return m.eval()
+
+
+@pytest.mark.parametrize("layerscale", ["init", "off"])
+def test_seeded_random_init_is_bitwise_the_old_control(layerscale):
+    "build_backbone(cfg, img_size, seed, layerscale) gives bitwise the weights the old random-init control gave, RNG untouched."
+    cfg = ModelConfig(arch="xr0-vitp14", depth=3, num_registers=4, drop_path_rate=0.2)
+    torch.manual_seed(123); before = torch.rand(1)
+    torch.manual_seed(123)
+    new = build_backbone(cfg, 56, seed=7, layerscale=layerscale, drop_path=False)
+    assert torch.equal(torch.rand(1), before)                                   # the caller's RNG stream is untouched
+    old = _random_init_backbone_before(cfg, 56, seed=7, layerscale=layerscale)
+    assert list(new.state_dict()) == list(old.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+    assert type(new.blocks[0].drop_path1).__name__ == "Identity"
+
+
+def test_unseeded_build_matches_the_old_ssl_builder():
+    "Without a seed build_backbone draws from the global RNG exactly as ssl.meta's builder did (student with drop-path)."
+    cfg = ModelConfig(arch="xr0-vitp14", embed_dim=48, depth=1, num_heads=2, drop_path_rate=0.1)
+    torch.manual_seed(0); new = build_backbone(cfg, 28)
+    torch.manual_seed(0); old = create_backbone(cfg.arch, img_size=28, num_registers=cfg.num_registers, drop_path_rate=0.1,
+                                                 layerscale_init=cfg.layerscale_init, embed_dim=48, depth=1, num_heads=2)
+    assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.state_dict().values()))
+    assert new.blocks[0].drop_path1.drop_prob == 0.1
+
+
+def test_set_input_size_keeps_the_numbers(tmp_path):
+    "set_input_size (and load_backbone's img_size) gives the outputs the on-the-fly resize gives, and the preprocessing follows."
+    hf = _hf_model(4)
+    hf.save_pretrained(tmp_path / "hf")
+    x = torch.randn(2, 3, 56, 56)
+    on_the_fly = load_backbone(tmp_path / "hf").eval()
+    resized = load_backbone(tmp_path / "hf", img_size=56).eval()
+    with torch.no_grad():
+        ref = on_the_fly(x)["tokens"]
+        assert (resized(x)["tokens"] - ref).abs().max() < 1e-5
+        assert (on_the_fly.set_input_size(56)(x)["tokens"] - ref).abs().max() < 1e-5
+    grid = on_the_fly.pos_grid
+    expected = interpolate_pos_embed(load_backbone(tmp_path / "hf").pos_embed.data, (3, 3), grid, *on_the_fly.pos_interp)
+    assert torch.equal(on_the_fly.pos_embed.data, expected)
+    pp = preprocess_config(resized)
+    assert (pp["size"], pp["crop_size"]) == (56, 56) and pp["mean"] == preprocess_config(on_the_fly)["mean"]
+    assert preprocess_config(load_backbone("xr0-vitp14", img_size=28).set_input_size((28, 42)))["crop_size"] == (28, 42)

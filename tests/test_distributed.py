@@ -7,7 +7,7 @@ import pandas as pd
 
 from test_trainer import toy_manifest
 from xr0_lib.core import save_config
-from xr0_lib.train.trainer import micro_config, pretrain
+from xr0_lib.train import micro_config, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TERMS = ["total", "dino_local", "dino_global", "ibot", "koleo"]
@@ -27,7 +27,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     env = {**os.environ, "XR0_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "xr0_lib.train.trainer", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "two")],
+                        "-m", "xr0_lib.train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "two")],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     one, two = pd.read_csv(tmp_path / "one" / "metrics.csv"), pd.read_csv(tmp_path / "two" / "metrics.csv")

@@ -1,4 +1,4 @@
-"""Regression tests for issue 8 (probe AUROCs below 0.5 in the quickstart): `compare_backbones` scores the MLP
+"""Probes score what they should: `compare_backbones` scores the MLP
 probe on the right rows with the right class columns, matches an independent scikit-learn reference, and learns
 from near-constant embeddings (a layer-scale-1e-5 ViT at init) instead of reporting its random initial projection."""
 import numpy as np

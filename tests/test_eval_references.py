@@ -12,7 +12,7 @@ from torchmetrics.retrieval import RetrievalPrecision
 
 from xr0_lib.eval.metrics import auprc, auroc, bootstrap_metric, mcc
 from xr0_lib.eval.probes import knn_predict_proba
-from xr0_lib.eval.retrieval import cosine_topk, precision_at_k
+from xr0_lib.knn import cosine_topk, precision_at_k
 
 FAST = settings(max_examples=15, deadline=None)
 
@@ -43,6 +43,37 @@ def test_self_exclusion_by_id_and_position(n, d, cchunk, seed):
     _, i_id = cosine_topk(E.copy(), E, 5, query_ids=ids, cand_ids=ids, cand_chunk=cchunk)
     assert torch.equal(i_pos, i_id)
     assert not (i_pos == torch.arange(n)[:, None]).any()
+
+
+
+def test_multilabel_relevance_matches_torchmetrics():
+    "Multi-label P@k: 'any shared positive' and 'identical label set' against torchmetrics on the same ranking."
+    r = np.random.default_rng(1)
+    E = r.normal(size=(300, 24)).astype(np.float32); ML = r.integers(0, 2, (300, 3))
+    qe, ce, qm, cm = E[:60], E[60:], ML[:60], ML[60:]
+    S = F.normalize(torch.tensor(qe), dim=1) @ F.normalize(torch.tensor(ce), dim=1).T + 2
+    ind = torch.arange(60)[:, None].expand(-1, 240)
+    for relevance, tgt in (("any", (qm[:, None, :] & cm[None]).any(-1)), ("exact", (qm[:, None, :] == cm[None]).all(-1))):
+        got = precision_at_k(qe, qm, ce, cm, ks=(10,), relevance=relevance)[10]
+        ref = RetrievalPrecision(top_k=10)(S.flatten(), torch.tensor(tgt).flatten(), indexes=ind.flatten()).item()
+        assert got == pytest.approx(ref, abs=1e-6)
+
+
+def test_same_set_retrieval_matches_torchmetrics_without_the_diagonal():
+    r = np.random.default_rng(2)
+    E = r.normal(size=(300, 24)).astype(np.float32); L = r.integers(0, 4, 300); E[np.arange(300), L] += 3.0
+    S = F.normalize(torch.tensor(E), dim=1) @ F.normalize(torch.tensor(E), dim=1).T + 2
+    off = ~torch.eye(300, dtype=bool); tgt = torch.tensor(L)[:, None] == torch.tensor(L)[None]
+    ref = RetrievalPrecision(top_k=5)(S[off], tgt[off], indexes=torch.arange(300)[:, None].expand(-1, 300)[off]).item()
+    assert precision_at_k(E, L, E, L, ks=(5,))[5] == pytest.approx(ref, abs=1e-6)
+
+
+def test_bf16_candidates_find_the_same_nearest_neighbour_up_to_near_ties():
+    g = torch.Generator().manual_seed(0)
+    Q, C = torch.randn(37, 16, generator=g), torch.randn(503, 16, generator=g)
+    ref = (F.normalize(Q, dim=1) @ F.normalize(C, dim=1).T).topk(7, dim=1).indices
+    _, got = cosine_topk(Q, C, 7, dtype=torch.bfloat16)
+    assert (got[:, 0] == ref[:, 0]).float().mean() > 0.9
 
 
 @FAST

@@ -1,5 +1,5 @@
 "Manifest loading, validation, leakage, path safety and training-fraction subsets, end to end on tiny data."
-import contextlib, io, json, os
+import contextlib, io, json, os, tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +10,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 from PIL import Image
 
 from xr0_lib.data.manifest import (ManifestError, load_manifest, safe_join, validate_manifest, check_leakage, cli_manifest,
-                                   make_fraction_splits, load_fraction_split, assert_valid_manifest)
-from xr0_lib.data.datasets import rle_decode_siim, rle_encode_siim, rle_decode_chexmask, rle_encode_chexmask
+                                   make_fraction_splits, load_fraction_split, assert_valid_manifest, fraction_subset)
 
 
 def make_set(root: Path, n_pat=30, per=2, seed=0):
@@ -112,9 +111,22 @@ def test_safe_join_never_escapes(tmp_path, parts):
     assert p == root.resolve() or root.resolve() in p.parents
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(1, 20), st.integers(1, 20), st.integers(0, 2**31 - 1))
-def test_rle_round_trips(h, w, seed):
-    m = (np.random.default_rng(seed).random((h, w)) > 0.5).astype(np.uint8)
-    assert np.array_equal(rle_decode_siim(rle_encode_siim(m), h, w), m)
-    assert np.array_equal(rle_decode_chexmask(rle_encode_chexmask(m), h, w), m)
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 80), st.integers(1, 3), st.sampled_from([0.01, 0.05, 0.2, 0.5, 1.0]), st.integers(0, 9), st.integers(1, 4))
+def test_fraction_subset_same_rows_saved_or_drawn(n_pat, per, fraction, seed, n_classes):
+    "The (fraction, seed) subset is the same whether saved by make_fraction_splits first or drawn on the fly, and nested."
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({"patient_id": np.repeat([f"P{p}" for p in range(n_pat)], per), "split": "train"})
+    df["image_id"] = [f"i{k}" for k in range(len(df))]
+    df["y"] = np.repeat(rng.integers(0, n_classes, n_pat), per).astype(float)
+    df = df.sample(frac=1, random_state=seed).reset_index(drop=True)          # row order must not matter
+    with tempfile.TemporaryDirectory() as d:
+        make_fraction_splits(df, sorted({fraction, 0.5, 1.0}), [seed], stratify="y", out=d)
+        saved = fraction_subset(df, fraction, seed, "y", fraction_dir=d)
+    drawn = fraction_subset(df, fraction, seed, "y")
+    assert np.array_equal(saved, drawn)
+    assert set(drawn) <= set(fraction_subset(df, max(fraction, 0.5), seed, "y"))   # nested
+    assert df.iloc[drawn].groupby("patient_id").size().eq(per).all()            # whole patients
+    n = max(1, round(fraction * n_pat))
+    assert df.iloc[drawn].patient_id.nunique() == n
+    assert df.iloc[drawn].y.nunique() == min(n, df.y.nunique())                  # every class while there is room

@@ -7,8 +7,8 @@ import torch
 from test_trainer import toy_manifest
 from xr0_lib.core import save_config
 from xr0_lib.ssl.meta import SSLMetaArch
-from xr0_lib.train.schedules import make_optimizer, param_groups
-from xr0_lib.train.trainer import list_checkpoints, load_checkpoint, micro_config, pretrain, DistInfo, build_multicrop
+from xr0_lib.train import (DistInfo, build_multicrop, list_checkpoints, load_checkpoint, make_optimizer, micro_config,
+                           param_groups, pretrain)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     env = {**os.environ, "XR0_PROGRESS": "0", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     run = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "xr0_lib.train.trainer", "--config", str(tmp_path / "c.yaml"), "--out", str(run)],
+    p = subprocess.Popen([sys.executable, "-m", "xr0_lib.train", "--config", str(tmp_path / "c.yaml"), "--out", str(run)],
                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.time()
     while not (run / "checkpoints" / "step_00000002").is_dir():

@@ -37,7 +37,7 @@ class _TinyViT(nn.Module):
 @pytest.mark.parametrize("centering", ["ema", "sinkhorn_knopp"])
 def test_one_step_moves_only_the_student(centering):
     torch.manual_seed(0); rng = random.Random(0)
-    mc = multicrop_preset("cpu-tiny", n_local=2)
+    mc = multicrop_preset("small", n_local=2)
     batch = collate_dino([mc(toy_radiograph(128, seed=i)) for i in range(3)], rng=rng)
     B = 3
     student = _TinyViT(); s_dino, s_ibot = make_heads(32, "tiny")

@@ -1,5 +1,5 @@
-"Trainer integration tests on a micro model: non-finite losses are skipped, logged and abort; bad images are reported."
-import math
+"Trainer integration tests on a micro model: non-finite losses are skipped, logged and abort; bad images are reported; presets ship in the package."
+import math, subprocess, sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ from PIL import Image
 
 from xr0_lib.augment import toy_radiograph
 from xr0_lib.ssl.meta import SSLMetaArch
-from xr0_lib.train.trainer import NonFiniteLossError, cli_pretrain, micro_config, pretrain, read_metrics
+from xr0_lib.train import NonFiniteLossError, cli_pretrain, micro_config, pretrain, read_metrics
 
 
 def toy_manifest(folder: Path, n: int = 8, size: int = 48) -> Path:
@@ -67,3 +67,13 @@ def test_cli_runs_and_reports_bad_config(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
     assert cli_pretrain(["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "r2"), "--set", "train.batchsize=3"]) == 2
     assert "train.batchsize" in capsys.readouterr().err
+
+
+def test_presets_ship_inside_the_package(tmp_path):
+    "An installed xr0 run from any folder finds every pre-training preset (no configs/ folder is read)."
+    code = ("from xr0_lib.train import TRAIN_PRESETS, load_train_config\n"
+            "for n in TRAIN_PRESETS: load_train_config(n, {'train': {'max_steps': 3}})\n"
+            "print(sorted(TRAIN_PRESETS))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "'cpu-tiny', 'cxformer-s', 'rad-dino-continual', 'xr0-vitb14'" in r.stdout

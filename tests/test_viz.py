@@ -5,16 +5,17 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from xr0_lib.models.backbones import create_backbone
-from xr0_lib.viz.patches import (pca_patch_map, cls_attention_maps, patch_similarity, embed_2d, embedding_scatter,
-                                 attention_maps, upsample)
+from xr0_lib.data.manifest import load_manifest
+from xr0_lib.data.phantom import make_phantom_dataset, render_phantom
+from xr0_lib.models.vit import create_backbone
+from xr0_lib.viz.patches import pca_patch_map, cls_attention_maps, patch_similarity, attention_maps
+from xr0_lib.viz.figures import upsample
+from xr0_lib.viz.embedding_map import embed_2d, embedding_scatter
 from xr0_lib.viz.widgets import VizSession, PatchMapViewer, CorrespondenceViewer, RetrievalViewer, EmbeddingExplorer
 
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from xr0_lib.data.phantom import make_phantom_dataset
-    from xr0_lib.data.manifest import load_manifest
     out = tmp_path_factory.mktemp("phantom")
     man = load_manifest(make_phantom_dataset(out, n=8, size=112, seed=0, workers=1, show_progress=False))
     return man
@@ -29,7 +30,6 @@ def session(phantom):
 
 def test_pca_foreground_covers_phantom_body(session, phantom):
     "On real phantoms, the PCA foreground of a random tiny ViT lies on the body and covers much of it."
-    from xr0_lib.data.phantom import render_phantom
     rows = list(range(len(phantom)))
     pm = pca_patch_map(session.patch_grids("a", "phantom", rows))
     body = np.stack([render_phantom(r, 112, 0)[1]["mask"] > 0 for r in rows])

@@ -154,6 +154,7 @@ def param_groups(modules: dict[str, nn.Module], layerwise_decay: float = 1.0, pa
             g["params"].append(p); g["names"].append(f"{mod_name}.{name}")
     return list(fused.values())
 
+# %% ../../nbs/40_train.schedules.ipynb #2d5d5298
 def make_optimizer(groups: list[dict], betas=(0.9, 0.999), foreach: bool | None = None) -> torch.optim.AdamW:
     "AdamW over `param_groups` output; lr and wd are set every step by `apply_schedules`."
     groups = [{k: v for k, v in g.items() if k != "names"} for g in groups]
