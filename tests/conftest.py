@@ -10,3 +10,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
     except ImportError:
         pass
+
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    "Tiny models on a shared 2-core box: one intra-op thread is several times faster than two fighting; restored afterwards."
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

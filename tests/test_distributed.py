@@ -34,7 +34,7 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     assert two["step"].tolist() == [0, 1]
     np.testing.assert_allclose(two[TERMS].to_numpy(), one[TERMS].to_numpy()[:2], rtol=0, atol=1e-5)
     ck = tmp_path / "two" / "checkpoints" / "step_00000002"
-    assert (ck / "rng" / "rank1.pt").is_file() and '"world_size": 2' in (ck / "trainer_state.json").read_text()
+    assert (ck / "rng" / "rank1.safetensors").is_file() and '"world_size": 2' in (ck / "trainer_state.json").read_text()
 
     cfg.train.stop_after = None              # resume the 2-process checkpoint in this single process
     res = pretrain(cfg, tmp_path / "two")

@@ -18,12 +18,7 @@ from xr0_lib.eval.embeddings import cli_embed, extract_embeddings
 from xr0_lib.models.backbones import load_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    "Tiny convolutions on a shared 2-core box are faster single-threaded; restore afterwards."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: one torch thread for tiny models
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +144,16 @@ def test_paper_table_reproduces_the_quickstart_table():
     table["pre-training wins"] = paired_verdict(tidy, "random init", "pre-trained")
     assert markdown_table(table) == QUICKSTART_TABLE
     assert table.reset_index().to_markdown(index=False) == QUICKSTART_TABLE
+
+
+def test_probe_columns_cover_classes_a_small_subset_lacks():
+    "A 1 % subset can miss a class that the test set has: the probabilities still have one column per class."
+    from xr0_lib.eval.compare import _fit
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1, 2] * 10 + [3] * 5)
+    emb = {"cls": rng.normal(size=(len(y), 8)).astype(np.float32)}
+    tr, va, te = np.arange(0, 20), np.arange(20, 30), np.arange(25, 35)   # class 3 only in the test rows
+    for probe, kw in (("knn", {"k": 5}), ("mlp", {"max_epochs": 2})):
+        p = _fit(probe, emb, tr, va, te, y, "multiclass", 0, kw)
+        assert p.shape == (len(te), 4), (probe, p.shape)
+        assert np.allclose(p.sum(1), 1, atol=1e-5)

@@ -13,11 +13,7 @@ from xr0_lib.eval.compare import compare_backbones, task_labels
 from xr0_lib.eval.probes import fit_mlp_probe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py: one torch thread for tiny models
 
 
 def _manifest_and_embeddings(n=420, d=24, seed=0):

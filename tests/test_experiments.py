@@ -11,6 +11,11 @@ from xr0_lib.experiments import list_experiments, run_experiment
 CI_PARAMS: dict[str, dict] = {
     "quickstart": {"preset": "ci"},   # ~160 images at 56 px, a 2-block ViT, 16 steps; still writes report.md
     "classification": {"seeds": [0, 1], "seed_mean": True},   # the seed-mean path through papermill
+    "align": {"n_images": 64, "image_size": 56, "backbone": "xr0-vitp14", "epochs": 2, "batch_size": 16, "text_hidden": 32,
+              "n_boot": 50},
+    "segmentation": {"n_images": 160, "image_size": 56, "input_size": 56, "max_iters": 10, "tasks": ["bones"], "n_resamples": 20},
+    "localisation": {"n_images": 40, "image_size": 56, "input_size": 56, "n_boot": 20,
+                     "decoder": {"queries": 4, "layers": 1, "width": 16, "heads": 2, "epochs": 2}},
 }
 
 EXPERIMENTS = list_experiments()

@@ -74,3 +74,31 @@ def test_sweep_reports_failures_and_continues(tmp_path):
     assert "FAILED" in r.stderr and "KeyError" in r.stderr
     assert (out / "backbone=a" / "results.json").is_file()
     assert (out / "backbone=c" / "toy.ipynb").is_file()  # executed notebook keeps the error
+
+
+def test_killed_run_leaves_no_kernel(tmp_path):
+    "SIGKILL to `xr0 run` alone (not its process group): the notebook's kernel dies with it (PR_SET_PDEATHSIG)."
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("out_dir = 'x'\npid_file = 'p'", metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell("import os, time, pathlib\npathlib.Path(pid_file).write_text(str(os.getpid()))\ntime.sleep(120)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    nbformat.write(nb, tmp_path / "sleep.ipynb")
+    pid_file = tmp_path / "kernel.pid"
+    proc = subprocess.Popen([sys.executable, "-m", "xr0_lib.cli", "run", str(tmp_path / "sleep.ipynb"), "-p", "pid_file", str(pid_file),
+                             "--out", str(tmp_path / "out"), "--quiet"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline: time.sleep(0.2)
+    kernel = int(pid_file.read_text())
+    os.kill(proc.pid, signal.SIGKILL); proc.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try: os.kill(kernel, 0)
+        except ProcessLookupError: break
+        try:   # a zombie (dead, not yet reaped by init) counts as gone
+            if Path(f"/proc/{kernel}/stat").read_text().split(") ")[1].startswith("Z"): break
+        except FileNotFoundError: break
+        time.sleep(0.2)
+    else:
+        os.kill(kernel, signal.SIGKILL)
+        raise AssertionError(f"kernel {kernel} outlived the killed xr0 run")

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #742a2b02
 from __future__ import annotations
-import configparser, contextlib, dataclasses, difflib, os, random, types, typing, warnings
+import configparser, contextlib, dataclasses, difflib, errno, os, random, stat, tempfile, types, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args, get_origin
@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 # %% auto #0
 __all__ = ['Precision', 'SettingsError', 'Settings', 'find_settings_file', 'get_settings', 'ConfigError', 'config_from_dict',
            'config_to_dict', 'parse_overrides', 'load_config', 'save_config', 'seed_everything', 'select_device',
-           'precision_dtype', 'native_bf16', 'resolve_precision', 'autocast', 'progress']
+           'precision_dtype', 'native_bf16', 'resolve_precision', 'autocast', 'progress', 'OutputError', 'disk_error',
+           'check_writable', 'file_kind']
 
 # %% ../nbs/00_core.ipynb #ec8f403d
 class SettingsError(RuntimeError):
@@ -106,7 +107,19 @@ def get_settings(path: str | Path | None = None, env: dict | None = None) -> Set
                 k = match[0] if match else ev[len(prefix):].lower().replace("_", "-")
                 d[k], sources[f"{sec}.{k}"] = _resolve(v, base), f"env {ev}"
         maps[sec] = d
+    _warn_unknown_env(env)
     return Settings(**vals, weights=maps["weights"], datasets=maps["datasets"], file=file, sources=sources)
+
+_OTHER_ENV = ("XR0_SETTINGS", "XR0_PROGRESS", "XR0_EXPERIMENTS_DIR", "XR0_AGE_BINS", "XR0_AGE_LABELS", "XR0_CHROMIUM",
+              "XR0_BROWSER_SHOTS", "XR0_REQUIRE_BROWSER", "XR0_TEST_WORKERS")
+
+def _warn_unknown_env(env) -> None:
+    "Warn about `XR0_*` variables nothing reads (a typo would otherwise be ignored silently)."
+    known = {_env_var_name("paths", k) for k in _PATH_KEYS} | set(_OTHER_ENV)
+    for ev in sorted(k for k in env if k.startswith("XR0_")):
+        if ev in known or ev.startswith((_env_var_name("weights", ""), _env_var_name("datasets", ""))): continue
+        near = difflib.get_close_matches(ev, sorted(known), n=1)
+        warnings.warn(f"environment variable {ev} is not an xr0 setting" + (f"; did you mean {near[0]}?" if near else ""), stacklevel=3)
 
 # %% ../nbs/00_core.ipynb #979321d2
 class ConfigError(ValueError):
@@ -294,3 +307,39 @@ def progress(iterable: Iterable | None = None, desc: str | None = None, total: i
     if disable is None:
         disable = os.environ.get("XR0_PROGRESS", "1") == "0" or int(os.environ.get("RANK", "0")) != 0
     return tqdm(iterable, desc=desc, total=total, disable=disable, dynamic_ncols=True, **kw)
+
+# %% ../nbs/00_core.ipynb #d309c8b1
+class OutputError(OSError):
+    "An output path that cannot be written: not writable, or no space left."
+    def __str__(self): return str(self.args[0]) if self.args else ""
+
+def disk_error(e: OSError, path: str | Path) -> OutputError:
+    "`e` (met writing under `path`) as an `OutputError` naming the path: no space left, or cannot write."
+    if isinstance(e, OutputError): return e
+    where = e.filename or path
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    out = OutputError(f"no space left on {where} (disk full)" if full else f"cannot write to {where}: {e.strerror or e}")
+    out.errno, out.filename = e.errno, where
+    return out
+
+# %% ../nbs/00_core.ipynb #a61b8371
+def check_writable(path: str | Path) -> Path:
+    "Create folder `path` if needed and prove it writable with a probe file; raises `OutputError` naming it."
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".xr0-probe-", dir=path)
+        try: os.write(fd, b"x")
+        finally: os.close(fd); os.unlink(probe)
+    except OSError as e: raise disk_error(e, path) from e
+    return path
+
+# %% ../nbs/00_core.ipynb #256a3660
+_KINDS = ((stat.S_ISREG, "regular file"), (stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+          (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"))
+
+def file_kind(path: str | Path) -> str:
+    "'regular file', 'folder', 'FIFO (named pipe)', 'socket', 'character device', 'block device' or 'missing' (links followed)."
+    try: mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError): return "missing"
+    return next((name for test, name in _KINDS if test(mode)), "special file")

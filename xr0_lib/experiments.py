@@ -4,7 +4,7 @@
 
 # %% ../nbs/70_experiments.ipynb #fc274960
 from __future__ import annotations
-import argparse, ast, hashlib, itertools, json, os, re, sys, time
+import argparse, ast, hashlib, itertools, json, logging, os, re, sys, time
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,9 @@ from .data.phantom import make_phantom_dataset
 from .eval.tables import markdown_table, paper_table
 
 # %% auto #0
-__all__ = ['ExperimentError', 'experiments_dir', 'list_experiments', 'find_experiment', 'notebook_parameters', 'run_experiment',
-           'manifest_or_phantom', 'write_results', 'collect_results', 'write_tables', 'sweep_points', 'run_sweep',
-           'parse_param_pairs', 'cli_run', 'cli_sweep']
+__all__ = ['ExperimentError', 'experiments_dir', 'list_experiments', 'find_experiment', 'notebook_parameters', 'check_parameters',
+           'run_experiment', 'manifest_or_phantom', 'write_results', 'collect_results', 'write_tables', 'sweep_points',
+           'run_sweep', 'parse_param_pairs', 'cli_run', 'cli_sweep']
 
 # %% ../nbs/70_experiments.ipynb #710b0bfc
 class ExperimentError(RuntimeError):
@@ -56,28 +56,95 @@ def notebook_parameters(path: str | Path) -> dict[str, Any]:
     return {k: lit(v["default"]) for k, v in pm.inspect_notebook(str(path)).items()}
 
 # %% ../nbs/70_experiments.ipynb #944de476
+_TYPES = {bool: (bool,), int: (int,), float: (int, float), str: (str,), list: (list, tuple), tuple: (list, tuple), dict: (dict,)}
+
+def check_parameters(declared: dict[str, Any], params: dict[str, Any], where: str = "experiment",
+                     expressions: set | None = None) -> None:
+    "Raise `ExperimentError` naming the parameter when `params` has a name not in `declared` or a value of another type than its default."
+    unknown = sorted(set(params) - set(declared))
+    if unknown: raise ExperimentError(f"{where}: unknown parameter(s) {unknown}; it declares {sorted(declared)}")
+    for k, v in params.items():
+        d = declared[k]
+        if v is None or d is None or k in (expressions or ()) or type(d) not in _TYPES: continue
+        ok = _TYPES[type(d)]
+        if not isinstance(v, ok) or (isinstance(v, bool) and type(d) is not bool):
+            hint = " (quote it as YAML: -p KEY \"'text'\")" if type(d) is str else ""
+            raise ExperimentError(f"{where}: parameter {k!r} expects {type(d).__name__} like its default {d!r}, "
+                                  f"got {type(v).__name__} {v!r}{hint}")
+
+# %% ../nbs/70_experiments.ipynb #6a5ed133
+_KERNEL_ARGS = ["--IPKernelApp.log_level=ERROR",   # the 'Kernel is running over TCP without encryption' warning
+                # die with the caller: a killed `xr0 run` leaves no kernel (and no data-loader workers) behind
+                "--IPKernelApp.exec_lines=if __import__('sys').platform == 'linux': __import__('ctypes').CDLL(None).prctl(1, 15)"]
+_TEXT_BARS = "--IPKernelApp.exec_lines=__import__('tqdm.auto').auto.tqdm = __import__('tqdm.std').std.tqdm"
+
+def _stages(nb, injected: bool) -> dict[int, str]:
+    "Executed cell index -> the `##` heading it sits under, up to a colon ('setup' before the first); papermill's injected cell counted."
+    out, cur, i = {}, "setup", 0
+    for c in nb.cells:
+        if c.cell_type == "markdown" and c.source.startswith("##"): cur = c.source.splitlines()[0].lstrip("#").split(":")[0].strip()
+        out[i] = cur; i += 1
+        if injected and "parameters" in c.get("metadata", {}).get("tags", []): out[i] = cur; i += 1
+    return out
+
+class _Stream(logging.Handler):
+    "papermill's log -> the terminal: stage lines with times, the notebook's prints and text bars."
+    def __init__(self, name: str, stages: dict[int, str]):
+        super().__init__(logging.INFO); self.name_, self.stages, self.cur, self.t0 = name, stages, None, time.time()
+        self.times: dict[str, float] = {}
+    def _close(self):
+        if self.cur is not None:
+            dt = time.time() - self.t_stage; self.times[self.cur] = round(self.times.get(self.cur, 0) + dt, 1)
+            print(f"[{self.name_}] {self.cur}: done in {dt:.1f} s", flush=True)
+    def emit(self, rec):
+        msg = rec.getMessage()
+        m = re.match(r"Executing Cell (\d+)-*$", msg)
+        if m:
+            st = self.stages.get(int(m.group(1)) - 1, "?")
+            if st != self.cur:
+                self._close(); self.cur, self.t_stage = st, time.time()
+                print(f"[{self.name_}] {st} ... ({time.time() - self.t0:.0f} s elapsed)", flush=True)
+        elif msg.startswith(("Ending Cell", "Input Notebook", "Output Notebook", "Executing notebook with kernel", "Executing Cell")): pass
+        else:
+            f = sys.stderr if rec.levelno >= logging.WARNING else sys.stdout
+            f.write(msg if msg.endswith("\n") or "\r" in msg else msg + "\n"); f.flush()   # a text bar redraws its line with \r
+    def finish(self, executed: Path):
+        self._close()
+        per = ", ".join(f"{k} {v:.0f} s" for k, v in self.times.items())
+        print(f"[{self.name_}] total {time.time() - self.t0:.0f} s ({per})\n[{self.name_}] executed notebook: {executed}", flush=True)
+
+# %% ../nbs/70_experiments.ipynb #c8f53fa8
 def run_experiment(name: str | Path, out_dir: str | Path, parameters: dict | None = None,
                    params_file: str | Path | None = None, kernel: str = "python3",
-                   timeout: int | None = None, log_output: bool = False) -> dict:
-    "Execute experiment `name` with papermill into `out_dir`; return its `results.json` as a dict."
+                   timeout: int | None = None, log_output: bool = False, stream: bool = False) -> dict:
+    "Execute experiment `name` with papermill into `out_dir` (parameters checked first); return its `results.json` as a dict."
     import papermill as pm   # ~1 s to import (nbconvert, a kernel client): only when a notebook runs
     src = find_experiment(name)
-    out = Path(out_dir).resolve(); out.mkdir(parents=True, exist_ok=True)
     params = {}
     if params_file: params.update(yaml.safe_load(Path(params_file).read_text()) or {})
     params.update(parameters or {})
     declared = notebook_parameters(src)
-    unknown = sorted(set(params) - set(declared))
-    if unknown:
-        raise ExperimentError(f"{src.name}: unknown parameter(s) {unknown}; it declares {sorted(declared)}")
+    exprs = {k for k, v in pm.inspect_notebook(str(src)).items() if declared[k] == v["default"] and isinstance(declared[k], str)}
+    check_parameters(declared, params, src.name, exprs)
+    out = Path(out_dir).resolve(); out.mkdir(parents=True, exist_ok=True)
     if "out_dir" in declared: params["out_dir"] = str(out)
     executed = out / f"{src.stem}.ipynb"
+    log = logging.getLogger("papermill"); handler = None
+    if stream:
+        import nbformat   # with papermill, already loaded
+        handler = _Stream(src.stem, _stages(nbformat.read(str(src), as_version=4), injected=bool(params)))
+        log.addHandler(handler); old = (log.level, log.propagate); log.setLevel(logging.INFO); log.propagate = False
     try:
         pm.execute_notebook(str(src), str(executed), parameters=params, kernel_name=kernel, cwd=str(src.parent),
-                            execution_timeout=timeout, log_output=log_output, progress_bar=False)
+                            execution_timeout=timeout, log_output=log_output or stream, progress_bar=False,
+                            extra_arguments=_KERNEL_ARGS + ([_TEXT_BARS] if stream else []))
     except pm.PapermillExecutionError as e:
         raise ExperimentError(f"{src.name}: cell {e.exec_count} (index {e.cell_index}) raised {e.ename}: {e.evalue}\n"
                               f"executed notebook with the error: {executed}") from None
+    finally:
+        if handler is not None:
+            log.removeHandler(handler); log.setLevel(old[0]); log.propagate = old[1]
+    if handler is not None: handler.finish(executed)
     res = out / "results.json"
     if not res.is_file(): raise ExperimentError(f"{src.name} ran but wrote no {res}")
     return json.loads(res.read_text())
@@ -139,7 +206,9 @@ def _slug(v) -> str:
 
 def sweep_points(spec: dict) -> list[dict]:
     "The grid points of a sweep spec: fixed `parameters` merged with each combination of `grid` values."
-    grid = spec.get("grid") or {}
+    grid, fixed = spec.get("grid") or {}, spec.get("parameters") or {}
+    if not isinstance(grid, dict): raise ValueError(f"sweep grid: expected a mapping of parameter: [values], got {grid!r}")
+    if not isinstance(fixed, dict): raise ValueError(f"sweep parameters: expected a mapping of parameter: value, got {fixed!r}")
     for k, v in grid.items():
         if not isinstance(v, list): raise ValueError(f"sweep grid key {k!r}: expected a list of values, got {v!r}")
     keys = list(grid)
@@ -153,26 +222,39 @@ def _params_hash(p: dict) -> str:
     return hashlib.sha1(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 # %% ../nbs/70_experiments.ipynb #c19575b4
-def run_sweep(spec: dict | str | Path, out_dir: str | Path, kernel: str = "python3", timeout: int | None = None) -> pd.DataFrame:
-    "Run every grid point of a sweep (skipping finished ones); return a summary frame (point, status, error)."
+def _load_spec(spec: dict | str | Path) -> dict:
+    "A sweep spec from a dict or a YAML file, its grid points checked against the notebook before any runs (ValueError, one line)."
+    where = "sweep"
     if not isinstance(spec, dict):
-        p = Path(spec)
+        p = Path(spec); where = f"sweep file {p}"
         try: spec = yaml.safe_load(p.read_text())
-        except (OSError, yaml.YAMLError) as e: raise ValueError(f"cannot read sweep file {p}: {e}") from e
-        if not isinstance(spec, dict) or "experiment" not in spec:
-            raise ValueError(f"sweep file {p}: expected a mapping with keys experiment, parameters, grid")
+        except (OSError, yaml.YAMLError) as e: raise ValueError(f"cannot read {where}: {str(e).splitlines()[0]}") from None
+    if not isinstance(spec, dict) or "experiment" not in spec:
+        raise ValueError(f"{where}: expected a mapping with keys experiment, parameters, grid")
+    try:
+        declared = notebook_parameters(find_experiment(spec["experiment"]))
+        for pt in sweep_points(spec): check_parameters(declared, pt, f"{where} ({spec['experiment']})")
+    except (ExperimentError, FileNotFoundError) as e: raise ValueError(str(e).splitlines()[0]) from None
+    except ValueError as e: raise ValueError(f"{where}: {e}") from None
+    return spec
+
+def run_sweep(spec: dict | str | Path, out_dir: str | Path, kernel: str = "python3", timeout: int | None = None,
+              stream: bool = False) -> pd.DataFrame:
+    "Run every grid point of a sweep (skipping finished ones); return a summary frame (point, status, error)."
+    spec = _load_spec(spec)
     root = Path(out_dir); root.mkdir(parents=True, exist_ok=True)
     (root / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    rows = []
-    for point in progress(sweep_points(spec), desc=f"sweep {spec['experiment']}"):
+    rows, points = [], sweep_points(spec)
+    for i, point in enumerate(progress(points, desc=f"sweep {spec['experiment']}", disable=True if stream else None)):
         d = _point_dir(root, spec, point); h = _params_hash(point)
         done = d / "results.json"
+        if stream: print(f"[sweep] point {i + 1}/{len(points)}: {d.name}", flush=True)
         if done.is_file() and (d / ".params_hash").is_file() and (d / ".params_hash").read_text() == h:
             rows.append({**point, "dir": str(d), "status": "skipped (done)", "error": ""}); continue
         t0 = time.time()
         try:
             if done.exists(): done.unlink()  # stale results from other parameters
-            run_experiment(spec["experiment"], d, point, kernel=kernel, timeout=timeout)
+            run_experiment(spec["experiment"], d, point, kernel=kernel, timeout=timeout, stream=stream)
             (d / ".params_hash").write_text(h)
             rows.append({**point, "dir": str(d), "status": "ok", "error": "", "seconds": round(time.time() - t0, 1)})
         except Exception as e:  # one failing point must not stop the sweep
@@ -192,14 +274,17 @@ def cli_run(argv: list[str] | None = None) -> int:
     "Run one experiment notebook with papermill."
     p = argparse.ArgumentParser(prog="xr0 run", description=cli_run.__doc__)
     p.add_argument("experiment", help=f"experiment name or notebook path; available: {', '.join(list_experiments())}")
-    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"), help="a parameter (YAML value)")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="a notebook parameter, the value parsed as YAML; repeat for more (checked against the default's type)")
     p.add_argument("-f", "--params-file", help="YAML file of parameters")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--kernel", default="python3")
-    p.add_argument("--timeout", type=int, default=None, help="seconds per cell")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel name (default python3)")
+    p.add_argument("--timeout", type=int, default=None, help="seconds per cell (default: no limit)")
+    p.add_argument("--quiet", action="store_true", help="print only the result line (no stage lines, notebook output or timings)")
     a = p.parse_args(argv)
     try:
-        res = run_experiment(a.experiment, a.out, parse_param_pairs(a.param), a.params_file, kernel=a.kernel, timeout=a.timeout)
+        res = run_experiment(a.experiment, a.out, parse_param_pairs(a.param), a.params_file, kernel=a.kernel, timeout=a.timeout,
+                             stream=not a.quiet)
     except (ExperimentError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr); return 1
     print(f"{a.experiment}: {len(res.get('metrics', []))} metric records in {Path(a.out) / 'results.json'}")
@@ -210,11 +295,12 @@ def cli_sweep(argv: list[str] | None = None) -> int:
     "Run an experiment over a parameter grid, resuming finished points."
     p = argparse.ArgumentParser(prog="xr0 sweep", description=cli_sweep.__doc__)
     p.add_argument("grid", help="sweep YAML: experiment, parameters, grid")
-    p.add_argument("--out", required=True)
-    p.add_argument("--kernel", default="python3")
-    p.add_argument("--timeout", type=int, default=None)
+    p.add_argument("--out", required=True, help="output folder: one subfolder per grid point, the summary and the tables")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel name (default python3)")
+    p.add_argument("--timeout", type=int, default=None, help="seconds per cell (default: no limit)")
+    p.add_argument("--quiet", action="store_true", help="no stage lines or notebook output, only the summary")
     a = p.parse_args(argv)
-    try: s = run_sweep(a.grid, a.out, kernel=a.kernel, timeout=a.timeout)
+    try: s = run_sweep(a.grid, a.out, kernel=a.kernel, timeout=a.timeout, stream=not a.quiet)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr); return 1
     print(s[["status"]].value_counts().to_string())

@@ -67,8 +67,8 @@ def quickstart_train_config(preset: dict, manifest: str | Path, seed: int = 0, d
 
 # %% ../nbs/71_quickstart.ipynb #c25eddab
 def write_report(out_dir: str | Path, table: pd.DataFrame, figures: dict[str, Figure | str | Path],
-                 params: dict, timings: dict | None = None, notes: Sequence[str] = ()) -> Path:
-    "Write `report.md` (+ the figures as PNG) into `out_dir`; returns its path."
+                 params: dict, timings: dict | None = None, notes: Sequence[str] = (), captions: dict[str, str] | None = None) -> Path:
+    "Write `report.md` (+ the figures as PNG, each with its caption: what to look for) into `out_dir`; returns its path."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, f in figures.items():
@@ -87,7 +87,9 @@ def write_report(out_dir: str | Path, table: pd.DataFrame, figures: dict[str, Fi
              + f"; on {len(apart)} of them even the marginal 95% CIs are apart. A win means the paired bootstrap 95% CI of"
              " the difference (both models on the same resampled test rows) lies above 0.", ""]
     lines += [f"- {n}" for n in notes] + ([""] if notes else [])
-    lines += ["## Figures", ""] + [f"### {n.replace('_', ' ')}\n\n![{n}]({p})\n" for n, p in files.items()]
+    cap = captions or {}
+    lines += ["## Figures", ""] + [f"### {n.replace('_', ' ')}\n\n![{n}]({p})\n" + (f"\n*{cap[n]}*\n" if n in cap else "")
+                                   for n, p in files.items()]
     lines += ["## Run", "", "```yaml", yaml.safe_dump({"params": params, "timings_s": timings or {}}, sort_keys=False).strip(), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
@@ -99,14 +101,15 @@ def cli_quickstart(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="xr0 quickstart", description=cli_quickstart.__doc__)
     ap.add_argument("--out", required=True, help="output folder (report.md, figures, results.json, the executed notebook)")
     ap.add_argument("--preset", default="cpu", choices=sorted(QUICKSTART_PRESETS), help="size preset (default cpu)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the phantom set, pre-training and probes (default 0)")
     ap.add_argument("-p", "--param", nargs=2, action="append", metavar=("KEY", "VALUE"), help="another notebook parameter (YAML value), e.g. -p overrides '{train: {log_every: 2}}'")
     ap.add_argument("--timeout", type=int, default=None, help="seconds per cell")
+    ap.add_argument("--quiet", action="store_true", help="print only the table and the report's path (no stage lines or bars)")
     a = ap.parse_args(argv)
     params = parse_param_pairs(a.param)
     params.update(preset=a.preset, seed=a.seed)
     t0 = time.time()
-    try: res = run_experiment("quickstart", a.out, params, timeout=a.timeout)
+    try: res = run_experiment("quickstart", a.out, params, timeout=a.timeout, stream=not a.quiet)
     except (ExperimentError, FileNotFoundError) as e:
         print(f"xr0 quickstart: {e}", file=sys.stderr); return 1
     table = Path(a.out) / "quickstart_table.csv"

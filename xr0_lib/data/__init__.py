@@ -6,10 +6,10 @@
 __all__ = ['ADAPTERS', 'REQUIRED_COLUMNS', 'SPLITS', 'TASK_TYPES', 'ManifestError', 'apply_split_policy', 'assert_valid_manifest',
            'check_leakage', 'fraction_subset', 'get_adapter', 'is_missing', 'load_fraction_split', 'load_manifest',
            'make_fraction_splits', 'patient_hash_split', 'read_image', 'register_adapter', 'safe_join', 'save_manifest',
-           'validate_manifest', 'boxes_json', 'coco_segmentation_mask', 'decode_masks', 'parse_boxes', 'polygon_mask',
-           'rle_decode_chexmask', 'rle_decode_siim', 'rle_encode_chexmask', 'rle_encode_siim', 'adapters',
-           'csv_adapter', 'study_scores', 'IGNORE_INDEX', 'XrayDataset', 'collate_xray', 'encode_classes', 'DicomError',
-           'convert_dicom', 'dicom_to_uint8', 'preprocess_folder', 'PhantomSpec', 'make_phantom_dataset',
+           'validate_manifest', 'boxes_json', 'class_masks', 'coco_segmentation_mask', 'decode_masks', 'parse_boxes',
+           'polygon_mask', 'rle_decode_chexmask', 'rle_decode_siim', 'rle_encode_chexmask', 'rle_encode_siim',
+           'adapters', 'csv_adapter', 'study_scores', 'IGNORE_INDEX', 'XrayDataset', 'collate_xray', 'encode_classes',
+           'DicomError', 'convert_dicom', 'dicom_to_uint8', 'preprocess_folder', 'PhantomSpec', 'make_phantom_dataset',
            'phantom_spec', 'render_phantom', 'filter_manifest', 'find_near_duplicates', 'quality_flags']
 
 # %% ../../nbs/08_data.ipynb #d3994645
@@ -17,7 +17,7 @@ from .manifest import (ADAPTERS, REQUIRED_COLUMNS, SPLITS, TASK_TYPES, ManifestE
                                    assert_valid_manifest, check_leakage, fraction_subset, get_adapter, is_missing,
                                    load_fraction_split, load_manifest, make_fraction_splits, patient_hash_split, read_image,
                                    register_adapter, safe_join, save_manifest, validate_manifest)
-from .masks import (boxes_json, coco_segmentation_mask, decode_masks, parse_boxes, polygon_mask, rle_decode_chexmask,
+from .masks import (boxes_json, class_masks, coco_segmentation_mask, decode_masks, parse_boxes, polygon_mask, rle_decode_chexmask,
                                 rle_decode_siim, rle_encode_chexmask, rle_encode_siim)
 from . import adapters
 from .adapters import csv_adapter, study_scores
@@ -30,7 +30,7 @@ _all_ = ["ADAPTERS", "REQUIRED_COLUMNS", "SPLITS", "TASK_TYPES", "ManifestError"
          "check_leakage", "fraction_subset", "get_adapter", "is_missing", "load_fraction_split", "load_manifest",
          "make_fraction_splits", "patient_hash_split", "read_image", "register_adapter", "safe_join", "save_manifest",
          "validate_manifest",
-         "boxes_json", "coco_segmentation_mask", "decode_masks", "parse_boxes", "polygon_mask", "rle_decode_chexmask",
+         "boxes_json", "class_masks", "coco_segmentation_mask", "decode_masks", "parse_boxes", "polygon_mask", "rle_decode_chexmask",
          "rle_decode_siim", "rle_encode_chexmask", "rle_encode_siim",
          "adapters", "csv_adapter", "study_scores",
          "IGNORE_INDEX", "XrayDataset", "collate_xray", "encode_classes",

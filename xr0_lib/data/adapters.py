@@ -26,19 +26,43 @@ __all__ = ['CHEXPERT_LABELS', 'CHEXPERT_COMPETITION', 'CHEXPERT_8x200', 'NIH_LAB
            'jsrt_to_uint8', 'convert_jsrt_images', 'jsrt_adapter', 'vindr_ribcxr_adapter', 'paxray_pp_adapter',
            'mimic_cxr_adapter', 'parse_label_list', 'padchest_adapter', 'brax_adapter']
 
-# %% ../../nbs/04_data.adapters.ipynb #dd1a5578
+# %% ../../nbs/04_data.adapters.ipynb #0724e9a5
 def _as_mapping(x) -> dict:
     if x is None: return {}
     if isinstance(x, dict): return dict(x)
     if isinstance(x, str): return {x: x}
     return {c: c for c in x}
 
+_BOX_KEYS = ({"x", "y", "w", "h"}, {"x0", "y0", "x1", "y1"})
+
+def _merge_box_rows(out: pd.DataFrame, raw: pd.DataFrame, spec: dict, files) -> pd.DataFrame:
+    "One row per image from a CSV with one row per box: the `boxes` JSON of its rows (a row with no coordinates adds none)."
+    keys = set(spec) - {"label"}
+    if keys not in _BOX_KEYS: raise ManifestError(f"csv adapter: box_columns needs keys x, y, w, h or x0, y0, x1, y1 (and optionally label); got {sorted(spec)}")
+    miss = [c for c in spec.values() if c not in raw.columns]
+    if miss: raise ManifestError(f"csv adapter: box column(s) {miss} are not columns of {files}; columns: {list(raw.columns)}")
+    boxes = []
+    for i in range(len(raw)):
+        v = {k: raw[spec[k]].iat[i] for k in sorted(keys)}
+        if all(is_missing(x) for x in v.values()): boxes.append(None); continue
+        try: v = {k: np.nan if is_missing(x) else float(x) for k, x in v.items()}   # a partial box stays, NaN, for the consumer to report
+        except ValueError: raise ManifestError(f"csv adapter: row {i} ({out.path.iat[i]}): box value(s) {v} are not numbers") from None
+        if "w" in v: v = dict(x0=v["x"], y0=v["y"], x1=v["x"] + v["w"], y1=v["y"] + v["h"])
+        boxes.append({"label": str(raw[spec["label"]].iat[i]) if "label" in spec else "box", **v})
+    rest = out.drop(columns=[c for c in ("boxes",) if c in out])
+    differ = rest.groupby("path", sort=False, dropna=False).nunique(dropna=False).max()
+    if (differ > 1).any(): raise ManifestError(f"csv adapter: the box rows of one image differ in column(s) {list(differ[differ > 1].index)}")
+    per = pd.Series(boxes, dtype=object).groupby(rest["path"].to_numpy(), sort=False).agg(lambda s: boxes_json([b for b in s if b is not None]))
+    first = rest.drop_duplicates("path").reset_index(drop=True)
+    return first.assign(boxes=first["path"].map(per).to_numpy())
+
+# %% ../../nbs/04_data.adapters.ipynb #dd1a5578
 @register_adapter("csv")
 def csv_adapter(root, csv, path_column: str, patient_column: str | None = None, patient_regex: str | None = None,
                 image_id_column: str | None = None, study_column: str | None = None, split_column: str | None = None,
                 split_values: dict | None = None, path_prefix: str | None = None, path_template: str | None = None,
                 label_columns=None, label_values: dict | None = None, keep_columns=None, filters: dict | None = None,
-                sep: str = ",") -> pd.DataFrame:
+                sep: str = ",", box_columns: dict | None = None) -> pd.DataFrame:
     "The common table from a CSV described entirely by options (see above)."
     root = Path(root); files = csv if isinstance(csv, dict) else {None: csv}
     parts = []
@@ -85,6 +109,7 @@ def csv_adapter(root, csv, path_column: str, patient_column: str | None = None, 
             except (TypeError, ValueError): raise ManifestError(f"csv adapter: label column {src!r} has value {v!r} that is not a number; map it with label_values") from None
         out[o] = raw[src].map(conv).values
     for o, src in _as_mapping(keep_columns).items(): need(src, "keep column"); out[o] = raw[src].values
+    if box_columns: out = _merge_box_rows(out.reset_index(drop=True), raw.reset_index(drop=True), dict(box_columns), list(files.values()))
     return out.reset_index(drop=True)
 
 # %% ../../nbs/04_data.adapters.ipynb #370a644a

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/01_data.dicom.ipynb #3ddd144c
 from __future__ import annotations
-import argparse, csv, os, sys, tempfile, time, warnings
+import argparse, csv, math, os, sys, tempfile, time, warnings
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -21,10 +21,12 @@ from pydicom.pixels import pixel_array as _decode_pixels
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from PIL import Image
 
+from ..core import file_kind
+
 # %% auto #0
-__all__ = ['INDEX_META', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'synthetic_dicom', 'DicomError', 'dicom_to_uint8',
-           'resize_shortest_side', 'pad_offsets', 'pad_to_square', 'parse_age', 'dicom_metadata', 'write_png',
-           'convert_dicom', 'robust_map', 'preprocess_folder', 'cli_preprocess', 'benchmark_dicom']
+__all__ = ['MAX_MEGAPIXELS', 'MIN_SIZE', 'INDEX_META', 'INDEX_COLUMNS', 'QUARANTINE_COLUMNS', 'synthetic_dicom', 'DicomError',
+           'dicom_to_uint8', 'resize_shortest_side', 'pad_offsets', 'pad_to_square', 'parse_age', 'dicom_metadata',
+           'write_png', 'convert_dicom', 'robust_map', 'preprocess_folder', 'cli_preprocess', 'benchmark_dicom']
 
 # %% ../../nbs/01_data.dicom.ipynb #3077bb17
 _SOP_CLASS = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1"}
@@ -106,8 +108,22 @@ def _grey_chain(values: np.ndarray, ds: Dataset, counts: np.ndarray | None, info
     return np.rint(g * 255).astype(np.uint8)
 
 # %% ../../nbs/01_data.dicom.ipynb #b400df97
-def _check_image_attrs(ds: Dataset) -> int:
-    "Reject what is not a grey-scale radiograph; return the number of frames."
+MAX_MEGAPIXELS, MIN_SIZE = 200, 8   # defaults: the declared-size budget, checked before decoding; the smallest side kept
+
+def _check_finite(ds: Dataset) -> None:
+    "Quarantine non-finite or unreadable rescale and window values (they would give a constant or empty image)."
+    for kw in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        if kw not in ds or ds[kw].value is None or ds[kw].value == "": continue
+        v = ds[kw].value
+        vals = list(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" else [v]
+        try: ok = all(math.isfinite(float(x)) for x in vals)
+        except (TypeError, ValueError): ok = False
+        if not ok: raise DicomError(f"{kw} is {v!r}, not a finite number: the image would come out constant or blank")
+    if "RescaleSlope" in ds and ds.RescaleSlope not in (None, "") and float(ds.RescaleSlope) == 0:
+        raise DicomError("RescaleSlope is 0: every pixel would map to one value")
+
+def _check_image_attrs(ds: Dataset, max_megapixels: float | None = MAX_MEGAPIXELS, min_size: int = 1) -> int:
+    "Reject what is not a grey-scale radiograph, or declares more pixels than the budget; return the number of frames."
     if "PixelData" not in ds:
         alt = [k for k in ("FloatPixelData", "DoubleFloatPixelData") if k in ds]
         raise DicomError(f"unsupported: float pixel data ({alt[0]})" if alt else "no Pixel Data element (not an image)")
@@ -115,11 +131,19 @@ def _check_image_attrs(ds: Dataset) -> int:
     if pi not in _MONO: raise DicomError(f"unsupported PhotometricInterpretation {pi!r}; only MONOCHROME1/2 radiographs")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < 1 or cols < 1: raise DicomError(f"empty image: Rows={rows}, Columns={cols}")
+    try: frames, bits = max(1, int(ds.get("NumberOfFrames", 1) or 1)), int(ds.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError) as e: raise DicomError(f"unreadable NumberOfFrames or BitsAllocated ({e})") from None
+    px = rows * cols * frames                      # the header's claim, checked before a byte is decoded
+    if max_megapixels and (px > max_megapixels * 1e6 or px * bits > max_megapixels * 1e6 * 16):
+        raise DicomError(f"declared image too large: {rows} x {cols} x {frames} frame(s) x {bits} bits = {px / 1e6:.0f} megapixels "
+                         f"({px * bits / 8 / 2**20:.0f} MiB), over the budget of {max_megapixels:g} megapixels (max_megapixels)")
+    if min(rows, cols) < min_size: raise DicomError(f"image {rows} x {cols} px is under the minimum side of {min_size} px (min_size)")
+    _check_finite(ds)
     if not ds.PixelData: raise DicomError("Pixel Data element is empty")
-    return int(ds.get("NumberOfFrames", 1) or 1)
+    return frames
 
-def _dicom_to_uint8(ds: Dataset) -> tuple[np.ndarray, dict]:
-    info: dict = {"frames": _check_image_attrs(ds)}
+def _dicom_to_uint8(ds: Dataset, max_megapixels: float | None = MAX_MEGAPIXELS, min_size: int = 1) -> tuple[np.ndarray, dict]:
+    info: dict = {"frames": _check_image_attrs(ds, max_megapixels, min_size)}
     ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         arr = _decode_pixels(ds, index=0 if info["frames"] > 1 else None)
@@ -138,9 +162,9 @@ def _dicom_to_uint8(ds: Dataset) -> tuple[np.ndarray, dict]:
         out = _grey_chain(arr, ds, None, info)
     return out, info
 
-def dicom_to_uint8(ds: Dataset) -> np.ndarray:
+def dicom_to_uint8(ds: Dataset, max_megapixels: float | None = MAX_MEGAPIXELS) -> np.ndarray:
     "The first frame of a grey-scale DICOM as display-ready uint8 (H, W): modality LUT, VOI, polarity."
-    return _dicom_to_uint8(ds)[0]
+    return _dicom_to_uint8(ds, max_megapixels)[0]
 
 # %% ../../nbs/01_data.dicom.ipynb #87e709be
 _RESAMPLE = {"box": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
@@ -264,9 +288,11 @@ def write_png(img: np.ndarray | Image.Image, dst: str | os.PathLike, compress_le
 
 # %% ../../nbs/01_data.dicom.ipynb #7cb6c8ad
 def convert_dicom(src: str | os.PathLike, dst_png: str | os.PathLike, size: int | None = 1024, pad: bool = False,
-                  compress_level: int = 1, resample: str | None = None) -> dict:
+                  compress_level: int = 1, resample: str | None = None, max_megapixels: float | None = MAX_MEGAPIXELS,
+                  min_size: int = MIN_SIZE) -> dict:
     "Convert one DICOM to an 8-bit PNG (shortest side `size`, optional square zero-pad); return its index row."
     src = Path(src)
+    if (kind := file_kind(src)) != "regular file": raise DicomError(f"not a regular file ({kind}); skipped", src)   # a FIFO would block
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -275,7 +301,7 @@ def convert_dicom(src: str | os.PathLike, dst_png: str | os.PathLike, size: int 
         except Exception as e:
             raise DicomError(f"cannot read: {type(e).__name__}: {e}", src) from e
         try:
-            img, info = _dicom_to_uint8(ds)
+            img, info = _dicom_to_uint8(ds, max_megapixels, min_size)
             meta = dicom_metadata(ds)
         except DicomError as e: raise DicomError(e.reason, src) from e
         except Exception as e: raise DicomError(f"cannot convert: {type(e).__name__}: {e}", src) from e
@@ -355,9 +381,9 @@ def _plan(src: Path, out: Path) -> list[tuple[str, str]]:
     return plan
 
 def _convert_task(task: tuple) -> dict:
-    src, dst, rel, png, size, pad, level = task
+    src, dst, rel, png, size, pad, level, max_mp, min_size = task
     st = os.stat(src)
-    row = convert_dicom(src, dst, size=size, pad=pad, compress_level=level)
+    row = convert_dicom(src, dst, size=size, pad=pad, compress_level=level, max_megapixels=max_mp, min_size=min_size)
     return {**row, "path": png, "source": rel, "target_size": size or 0, "padded": bool(pad),
             "source_bytes": st.st_size, "source_mtime_ns": st.st_mtime_ns}
 
@@ -389,7 +415,8 @@ def _frame(rows: list[dict], columns: list[str], kind: str) -> pd.DataFrame:
 
 # %% ../../nbs/01_data.dicom.ipynb #4d62975d
 def preprocess_folder(src: str | os.PathLike, out: str | os.PathLike, size: int | None = 1024, pad: bool = False,
-                      workers: int | None = None, compress_level: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+                      workers: int | None = None, compress_level: int = 1, max_megapixels: float | None = MAX_MEGAPIXELS,
+                      min_size: int = MIN_SIZE) -> tuple[pd.DataFrame, pd.DataFrame]:
     "Convert every file under `src` to PNG under `out` (resumable); return (index, quarantine), also written as CSVs."
     from xr0_lib.core import progress   # imported here so worker processes need not import torch
     src, out = Path(src).resolve(), Path(out).resolve()
@@ -402,7 +429,8 @@ def preprocess_folder(src: str | os.PathLike, out: str | os.PathLike, size: int 
     planned = {rel for rel, _ in plan}
     done = {r["source"]: r for r in _read_rows(index_csv, INDEX_COLUMNS)
             if r["source"] in planned and _still_done(r, src, out, size, pad)}
-    tasks = [(str(src / rel), str(out / png), rel, png, size, pad, compress_level) for rel, png in plan if rel not in done]
+    tasks = [(str(src / rel), str(out / png), rel, png, size, pad, compress_level, max_megapixels, min_size)
+             for rel, png in plan if rel not in done]
     for t in tasks:
         if not Path(t[1]).resolve().is_relative_to(out): raise ValueError(f"output {t[1]} would leave {out}")
     _write_csv(index_csv, list(done.values()), INDEX_COLUMNS)
@@ -436,10 +464,15 @@ def cli_preprocess(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=1024, help="shortest side in pixels; 0 keeps the original size")
     p.add_argument("--pad", action="store_true", help="zero-pad symmetrically to a square")
     p.add_argument("--compress-level", type=int, default=1, choices=range(10), metavar="0-9", help="PNG zlib level (default 1)")
+    p.add_argument("--max-megapixels", type=float, default=MAX_MEGAPIXELS,
+                   help=f"quarantine files whose header declares more pixels (rows x columns x frames; default {MAX_MEGAPIXELS})")
+    p.add_argument("--min-size", type=int, default=MIN_SIZE, help=f"quarantine images whose shorter side is under this (default {MIN_SIZE} px)")
     a = p.parse_args(argv)
     if a.size < 0: p.error("--size must be >= 0")
+    if a.max_megapixels <= 0 or a.min_size < 1: p.error("--max-megapixels must be > 0 and --min-size >= 1")
     try:
-        idx, quar = preprocess_folder(a.src, a.out, size=a.size, pad=a.pad, workers=a.workers, compress_level=a.compress_level)
+        idx, quar = preprocess_folder(a.src, a.out, size=a.size, pad=a.pad, workers=a.workers, compress_level=a.compress_level,
+                                      max_megapixels=a.max_megapixels, min_size=a.min_size)
     except (FileNotFoundError, ValueError) as e:
         print(f"xr0 preprocess: {e}", file=sys.stderr); return 2
     print(f"{idx.attrs['converted']} converted, {idx.attrs['skipped']} already done, {len(quar)} quarantined; "

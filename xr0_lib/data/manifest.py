@@ -13,8 +13,9 @@ import numpy as np
 import pandas as pd
 import yaml
 from PIL import Image, UnidentifiedImageError
+from PIL.Image import DecompressionBombError
 
-from ..core import get_settings
+from ..core import file_kind, get_settings
 
 # %% auto #0
 __all__ = ['REQUIRED_COLUMNS', 'SPLITS', 'TASK_TYPES', 'ADAPTERS', 'ManifestError', 'is_missing', 'safe_join', 'read_image',
@@ -70,13 +71,17 @@ def _safe_join(root_r: str, rel, _parents: dict | None = None) -> str:
     return full
 
 # %% ../../nbs/02_data.manifest.ipynb #9fec2887
-def read_image(path: str | Path, scale16: str = "full") -> np.ndarray:
+def read_image(path: str | Path, scale16: str = "full", min_size: int = 2) -> np.ndarray:
     "A PNG/JPEG/other Pillow image as grayscale `uint8` (H, W); errors name the file."
     p = Path(path)
     if p.suffix.lower() in (".dcm", ".dicom"):
         raise ManifestError(f"{p} is a DICOM file; convert it to PNG with xr0_lib.data.dicom before building a manifest")
+    if (kind := file_kind(p)) not in ("regular file", "missing"):        # opening a FIFO would block for ever
+        raise ManifestError(f"image {p} is not a regular file ({kind})")
     try:
         with Image.open(p) as im:
+            if min(im.size) < min_size:                                  # the header's size, before decoding
+                raise ManifestError(f"image {p} is {im.size[0]} x {im.size[1]} px, under the minimum side of {min_size} px (min_size)")
             im.load()
             mode = im.mode
             if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
@@ -91,7 +96,7 @@ def read_image(path: str | Path, scale16: str = "full") -> np.ndarray:
             elif mode != "L": im = im.convert("RGBA" if mode == "P" and "transparency" in im.info else mode).convert("L")
             return np.asarray(im, dtype=np.uint8).copy()
     except FileNotFoundError: raise ManifestError(f"image file {p} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, DecompressionBombError) as e:
         if isinstance(e, ManifestError): raise
         raise ManifestError(f"cannot read image {p}: {e}") from e
 
@@ -311,7 +316,9 @@ def validate_manifest(df: pd.DataFrame, check_files: bool = True, tasks: dict | 
     if check_files:
         paths = df["abs_path"] if "abs_path" in df else df["path"]
         for i, p in enumerate(paths):
-            if not is_missing(p) and not os.path.isfile(p): probs.append(f"{_row(df, i)}, field 'path': missing file {p}")
+            if not is_missing(p) and not os.path.isfile(p):
+                kind = file_kind(p)
+                probs.append(f"{_row(df, i)}, field 'path': " + (f"missing file {p}" if kind == "missing" else f"{p} is not a regular file ({kind})"))
         if "mask_path" in df.columns:
             root = df.attrs.get("root")
             for i, m in enumerate(df["mask_path"]):

@@ -16,7 +16,7 @@ from .manifest import ManifestError, is_missing, read_image, safe_join
 
 # %% auto #0
 __all__ = ['rle_encode_siim', 'rle_decode_siim', 'rle_encode_chexmask', 'rle_decode_chexmask', 'coco_segmentation_mask',
-           'polygon_mask', 'decode_masks', 'parse_boxes', 'boxes_json']
+           'polygon_mask', 'decode_masks', 'class_masks', 'parse_boxes', 'boxes_json']
 
 # %% ../../nbs/03_data.masks.ipynb #f9fa5940
 def _runs(mask_flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -130,6 +130,51 @@ def decode_masks(masks: str | dict, height: int, width: int, root: str | Path | 
         else: raise ManifestError(f"mask {name!r}: expected a path, an 'rle', 'coco' or 'polygons' entry, got keys {list(s)}")
         out[k] = m > 0
     return out, names
+
+# %% ../../nbs/03_data.masks.ipynb #13319aee
+def _fit_mask(m: np.ndarray, height: int, width: int, where: str) -> np.ndarray:
+    "Nearest-neighbour resize of a (h, w) mask to (height, width); an aspect ratio more than 2% off is an error."
+    h, w = m.shape
+    if (h, w) == (height, width): return m
+    if abs(h * width - w * height) > 0.02 * h * width:
+        raise ManifestError(f"{where}: mask is {h}x{w} but its image is {height}x{width} (aspect ratios differ)")
+    return np.asarray(Image.fromarray(m).resize((width, height), Image.NEAREST))
+
+def _read_raw(path: Path, where: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im: a = np.asarray(im)
+    except Exception as e: raise ManifestError(f"{where}: cannot read mask {path}: {type(e).__name__}: {e}") from e
+    if a.ndim == 3: a = a[..., :3].max(-1)   # an RGB(A) mask: any lit channel
+    return a.astype(np.int32) if a.dtype != np.uint8 else a
+
+def class_masks(row, classes: Sequence[str], height: int, width: int, root: str | Path, label_column: str | None = None,
+                label_values: dict | None = None, mask_columns: dict | None = None, where: str = "") -> np.ndarray:
+    "A (C, H, W) uint8 stack of the binary masks of `classes` in a manifest row: from a label map, per-class mask files or `masks`."
+    where = where or f"row {row.get('image_id', '?')}"
+    out = np.zeros((len(classes), height, width), np.uint8)
+    if label_column is not None:
+        v = row.get(label_column)
+        if is_missing(v): raise ManifestError(f"{where}, column {label_column!r}: no mask")
+        lab = _read_raw(safe_join(root, str(v)), f"{where}, column {label_column!r}")
+        if lab.dtype != np.uint8 and lab.max() < 256: lab = lab.astype(np.uint8)
+        lab = _fit_mask(lab if lab.dtype == np.uint8 else lab.astype(np.float32), height, width, f"{where}, column {label_column!r}")
+        for k, c in enumerate(classes):
+            vals = (label_values or {}).get(c)
+            if vals is None: raise ManifestError(f"{where}: class {c!r} has no entry in label_values {sorted(label_values or {})}")
+            out[k] = np.isin(lab, np.atleast_1d(vals))
+    elif mask_columns is not None:
+        cols = [mask_columns.get(c) for c in classes]
+        if any(c is None for c in cols): raise ManifestError(f"{where}: classes {[c for c, m in zip(classes, cols) if m is None]} have no mask column")
+        if all(is_missing(row.get(col)) for col in cols): raise ManifestError(f"{where}: no mask in columns {cols}")
+        for k, col in enumerate(cols):   # a missing file in one column: that structure is absent (empty mask)
+            if is_missing(row.get(col)): continue
+            m = (_read_raw(safe_join(root, str(row[col])), f"{where}, column {col!r}") > 0).astype(np.uint8)
+            out[k] = _fit_mask(m, height, width, f"{where}, column {col!r}")
+    else:
+        if is_missing(row.get("masks")): raise ManifestError(f"{where}: no 'masks' field")
+        out[:] = decode_masks(row["masks"], height, width, root=root, classes=classes)[0]
+    return out
+
 
 # %% ../../nbs/03_data.masks.ipynb #635f6396
 def parse_boxes(boxes) -> tuple[np.ndarray, list[str]]:

@@ -15,6 +15,7 @@ from torch import nn
 from safetensors.torch import load_file, safe_open
 
 from ..augment import default_preprocess, preprocess_from_hf
+from ..data.manifest import ManifestError, safe_join
 from .vit import PATCH_SIZE, BackboneSpec, DinoVisionTransformer, interpolate_pos_embed
 
 # %% auto #0
@@ -170,7 +171,9 @@ def backbone_from_state_dict(sd: dict[str, torch.Tensor], num_heads: int | None 
     if spec.embed_dim % spec.num_heads: raise ValueError(f"{source}: width {spec.embed_dim} is not divisible by {spec.num_heads} heads")
     m = DinoVisionTransformer(spec, grid[0] * PATCH_SIZE, drop_path_rate, 1.0 if ls else None, pos_interp=pos_interp)
     sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
-    missing, unexpected = m.load_state_dict(sd, strict=False)
+    try: missing, unexpected = m.load_state_dict(sd, strict=False)
+    except RuntimeError as e:   # a shape mismatch: name the source (the converters' key names match the stored ones up to a prefix)
+        raise ValueError(f"{source}: weights do not fit a {spec}: {str(e).splitlines()[-1].strip()}") from e
     if missing or unexpected:
         raise KeyError(f"{source}: weights do not fit a {spec}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
     m.source = source
@@ -232,16 +235,43 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         if key in obj and isinstance(obj[key], dict) and not isinstance(obj[key], torch.Tensor): obj = obj[key]; break
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, {}
 
-def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _read_hf_weights(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    "(state dict, the file each key came from) of a Hugging Face folder; shards named by an index stay inside the folder."
     for name in ("model.safetensors", "pytorch_model.bin"):
-        if (folder / name).is_file(): return _read_weights(folder / name)[0]
+        if (folder / name).is_file(): sd = _read_weights(folder / name)[0]; return sd, dict.fromkeys(sd, folder / name)
         idx = folder / f"{name}.index.json"
         if idx.is_file():
-            sd = {}
-            for shard in sorted(set(json.loads(idx.read_text())["weight_map"].values())): sd.update(_read_weights(folder / shard)[0])
-            return sd
+            try: wm = json.loads(idx.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e: raise ValueError(f"{idx}: not a shard index with a weight_map ({e!r})") from e
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise ValueError(f"{idx}: weight_map must map tensor names to file names")
+            sd, where = {}, {}
+            for shard in sorted(set(wm.values())):
+                try: path = safe_join(folder, shard)
+                except ManifestError as e: raise ValueError(f"{idx}: shard {shard!r} is refused: {e}") from e
+                if not path.is_file(): raise ValueError(f"{idx}: shard {shard!r} is missing or not a regular file")
+                part = _read_weights(path)[0]; sd.update(part); where.update(dict.fromkeys(part, path))
+            return sd, where
     raise FileNotFoundError(f"{folder}: config.json but no model.safetensors or pytorch_model.bin (or their .index.json)")
 
+def _check_hf_config(cfg: dict, sd: dict, where: dict, cfg_path: Path) -> None:
+    "Refuse weights that contradict `config.json` (width, depth, position grid), naming the file and the key as stored."
+    find = lambda suffix: next((k for k in sd if k.endswith(suffix)), None)
+    cls, pos = find("embeddings.cls_token"), find("embeddings.position_embeddings")
+    if cls is None or pos is None: return                       # not HF names: the converter says what is missing
+    D, H = sd[cls].shape[-1], cfg.get("hidden_size")
+    if H is not None and D != H:
+        raise ValueError(f"{where[cls]}: {cls} is {D} wide, but {cfg_path} says hidden_size {H}")
+    n, ps, img = sd[pos].shape[1] - 1, cfg.get("patch_size", PATCH_SIZE), cfg.get("image_size")
+    if img is not None and isinstance(ps, int) and ps > 0 and n != (img // ps) ** 2:
+        raise ValueError(f"{where[pos]}: {pos} holds {n} patch positions, but {cfg_path} says image_size {img} / "
+                         f"patch_size {ps} = {(img // ps) ** 2}")
+    layers = {int(m.group(1)) for k in sd if (m := re.search(r"encoder\.layers?\.(\d+)\.", k))}
+    L = cfg.get("num_hidden_layers")
+    if layers and L is not None and max(layers) + 1 != L:
+        raise ValueError(f"{where[cls]}: the weights hold {max(layers) + 1} layers, but {cfg_path} says num_hidden_layers {L}")
+
+# %% ../../nbs/22_models.interop.ipynb #ad044837
 def load_hf_backbone(folder: str | Path, drop_path_rate: float = 0.0) -> DinoVisionTransformer:
     "A backbone from a local Hugging Face folder holding Dinov2Model or Dinov2WithRegistersModel weights."
     folder = Path(folder)
@@ -252,7 +282,9 @@ def load_hf_backbone(folder: str | Path, drop_path_rate: float = 0.0) -> DinoVis
         raise ValueError(f"{folder / 'config.json'}: model_type {mt!r}; expected a Dinov2Model or Dinov2WithRegistersModel folder ('dinov2' or 'dinov2_with_registers')")
     if cfg.get("hidden_act", "gelu") != "gelu" or not cfg.get("qkv_bias", True):
         raise ValueError(f"{folder / 'config.json'}: hidden_act={cfg.get('hidden_act')!r}, qkv_bias={cfg.get('qkv_bias')!r} are not supported (need gelu, qkv bias)")
-    sd = hf_to_xr0(_read_hf_weights(folder))
+    raw, where = _read_hf_weights(folder)
+    _check_hf_config(cfg, raw, where, folder / "config.json")
+    sd = hf_to_xr0(raw)
     m = backbone_from_state_dict(sd, cfg["num_attention_heads"], drop_path_rate, hf_pos_interp(mt), cfg.get("layer_norm_eps", 1e-6), source=str(folder))
     if m.spec.ffn != ("swiglu" if cfg.get("use_swiglu_ffn") else "mlp"): raise ValueError(f"{folder}: weights and use_swiglu_ffn disagree")
     pp = folder / "preprocessor_config.json"

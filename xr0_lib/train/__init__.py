@@ -6,9 +6,10 @@
 __all__ = ['DataConfig', 'RunConfig', 'TrainConfig', 'TRAIN_PRESETS', 'find_preset', 'load_train_config', 'micro_config',
            'OptimConfig', 'Schedules', 'build_schedules', 'param_groups', 'make_optimizer', 'apply_schedules',
            'clip_grad_norms', 'DistInfo', 'init_distributed', 'shard_meta', 'PretrainStream', 'StepBatches',
-           'StepCollate', 'build_multicrop', 'manifest_paths', 'make_loader', 'list_checkpoints', 'save_checkpoint',
-           'load_checkpoint', 'export_teacher', 'MetricLog', 'read_metrics', 'RetrievalMonitor', 'chance_precision',
-           'NonFiniteLossError', 'pretrain', 'cli_pretrain', 'benchmark_train_step']
+           'StepCollate', 'build_multicrop', 'manifest_paths', 'make_loader', 'CheckpointError', 'verify_checkpoint',
+           'load_latest_checkpoint', 'list_checkpoints', 'save_checkpoint', 'load_checkpoint', 'export_teacher',
+           'MetricLog', 'read_metrics', 'RetrievalMonitor', 'chance_precision', 'NonFiniteLossError', 'pretrain',
+           'cli_pretrain', 'benchmark_train_step']
 
 # %% ../../nbs/49_train.ipynb #5fadcb76
 from .config import (DataConfig, RunConfig, TrainConfig, TRAIN_PRESETS, find_preset, load_train_config,
@@ -17,7 +18,8 @@ from .schedules import (OptimConfig, Schedules, build_schedules, param_groups, m
                                      clip_grad_norms)
 from .distributed import DistInfo, init_distributed, shard_meta
 from .stream import PretrainStream, StepBatches, StepCollate, build_multicrop, manifest_paths, make_loader
-from .checkpoint import list_checkpoints, save_checkpoint, load_checkpoint, export_teacher
+from .checkpoint import (list_checkpoints, save_checkpoint, load_checkpoint, export_teacher, CheckpointError,
+                                     verify_checkpoint, load_latest_checkpoint)
 from .monitor import MetricLog, read_metrics, RetrievalMonitor, chance_precision
 from .trainer import NonFiniteLossError, pretrain, cli_pretrain, benchmark_train_step
 
@@ -25,6 +27,6 @@ _all_ = ["DataConfig", "RunConfig", "TrainConfig", "TRAIN_PRESETS", "find_preset
          "OptimConfig", "Schedules", "build_schedules", "param_groups", "make_optimizer", "apply_schedules", "clip_grad_norms",
          "DistInfo", "init_distributed", "shard_meta",
          "PretrainStream", "StepBatches", "StepCollate", "build_multicrop", "manifest_paths", "make_loader",
-         "list_checkpoints", "save_checkpoint", "load_checkpoint", "export_teacher",
+         "CheckpointError", "verify_checkpoint", "load_latest_checkpoint", "list_checkpoints", "save_checkpoint", "load_checkpoint", "export_teacher",
          "MetricLog", "read_metrics", "RetrievalMonitor", "chance_precision",
          "NonFiniteLossError", "pretrain", "cli_pretrain", "benchmark_train_step"]

@@ -4,12 +4,14 @@
 
 # %% ../../nbs/41_train.config.ipynb #9edb97d3
 from __future__ import annotations
-import copy
+import copy, math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from ..core import ConfigError, load_config
+from ..augment import MULTICROP_PRESETS
+from ..models.vit import BACKBONES, PATCH_SIZE, backbone_spec
 from ..models.backbones import ModelConfig
 from ..ssl.meta import SSLConfig
 from .schedules import OptimConfig
@@ -153,6 +155,38 @@ TRAIN_PRESETS["xr0-vitb14"] = {
               "eval_every": 2500, "eval_k": 10},
 }
 
+# %% ../../nbs/41_train.config.ipynb #0cd1b535
+_pos, _nonneg, _unit = (lambda v: v > 0, "> 0"), (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v <= 1, "in [0, 1]")
+_count = (lambda v: v >= 1, ">= 1")
+_RULES = {  # dotted key -> (test, what the value must be); None values (unset) are not checked
+    "optim.base_lr": _pos, "optim.min_lr": _nonneg, "optim.weight_decay": _nonneg, "optim.weight_decay_end": _nonneg,
+    "optim.warmup_epochs": _nonneg, "optim.restart_epochs": _pos, "optim.restart_mult": _count,
+    "optim.momentum_teacher": _unit, "optim.final_momentum_teacher": _unit, "optim.warmup_teacher_temp": _pos,
+    "optim.teacher_temp": _pos, "optim.warmup_teacher_temp_epochs": _nonneg, "optim.freeze_last_layer_epochs": _nonneg,
+    "optim.freeze_backbone_epochs": _nonneg, "optim.layerwise_decay": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "optim.patch_embed_lr_mult": _nonneg, "optim.clip_grad": _nonneg, "optim.epoch_length": _count,
+    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "in [0, 1)"),
+    "ssl.dino_loss_weight": _nonneg, "ssl.ibot_loss_weight": _nonneg, "ssl.koleo_loss_weight": _nonneg,
+    "ssl.center_momentum": _unit, "ssl.student_temp": _pos, "ssl.gram_loss_weight": _nonneg,
+    "model.drop_path_rate": (lambda v: 0 <= v < 1, "in [0, 1)"), "model.embed_dim": _count, "model.depth": _count,
+    "model.num_heads": _count, "model.num_registers": _nonneg,
+    "data.n_local": _nonneg, "data.mask_probability": _unit, "data.num_workers": _nonneg, "data.eval_max_images": _count,
+    "data.mask_ratio_min_max": (lambda v: 0 <= v[0] <= v[1] <= 1, "0 <= min <= max <= 1"),
+    "data.global_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
+    "data.local_scale": (lambda v: 0 < v[0] <= v[1] <= 1, "0 < min <= max <= 1"),
+    "train.max_steps": _count, "train.ckpt_every": _count, "train.keep_last": _count, "train.log_every": _count,
+    "train.eval_every": _nonneg, "train.eval_k": _count, "train.max_nonfinite": _count, "train.stop_after": _count,
+}
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    "Raise `ConfigError` naming the first key of `_RULES` whose value is non-finite or out of range."
+    for key, (ok, what) in _RULES.items():
+        v = cfg
+        for part in key.split("."): v = getattr(v, part)
+        if v is None: continue
+        if any(isinstance(x, float) and not math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))) or not ok(v):
+            raise ConfigError(f"{key} must be finite and {what}, got {v!r}")
+
 # %% ../../nbs/41_train.config.ipynb #d648744c
 def find_preset(name: str) -> dict:
     "A copy of pre-training preset `name` (a key of `TRAIN_PRESETS`); an unknown name lists the known ones."
@@ -162,10 +196,21 @@ def find_preset(name: str) -> dict:
     return copy.deepcopy(TRAIN_PRESETS[name])
 
 def _check_run(cfg: TrainConfig) -> TrainConfig:
+    "Ranges and names of every setting (`_RULES`), then the crop sizes against the patch size."
     T = cfg.train
     if T.batch_size < 2: raise ConfigError(f"train.batch_size must be >= 2 (KoLeo needs neighbours), got {T.batch_size}")
-    if T.max_steps < 1: raise ConfigError(f"train.max_steps must be >= 1, got {T.max_steps}")
-    if T.ckpt_every < 1: raise ConfigError(f"train.ckpt_every must be >= 1, got {T.ckpt_every}")
+    _check_ranges(cfg)
+    if not cfg.model.pretrained:
+        try: backbone_spec(cfg.model.arch)
+        except KeyError: raise ConfigError(f"model.arch: unknown {cfg.model.arch!r}; valid: {', '.join(sorted(BACKBONES))}") from None
+    D = cfg.data
+    if D.multicrop not in MULTICROP_PRESETS:
+        raise ConfigError(f"data.multicrop: unknown {D.multicrop!r}; valid: {', '.join(sorted(MULTICROP_PRESETS))}")
+    for k in ("global_size", "local_size"):
+        v = getattr(D, k) if getattr(D, k) is not None else MULTICROP_PRESETS[D.multicrop][k]
+        if v < PATCH_SIZE or v % PATCH_SIZE:
+            raise ConfigError(f"data.{k} must be a positive multiple of the patch size {PATCH_SIZE}, got {v} "
+                              f"(nearest: {max(PATCH_SIZE, round(v / PATCH_SIZE) * PATCH_SIZE)})")
     return cfg
 
 def load_train_config(source: str | Path | dict | TrainConfig | None = None, overrides: dict | None = None) -> TrainConfig:

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/45_train.monitor.ipynb #c78efbd1
 from __future__ import annotations
-import csv, math
+import csv, math, warnings
 from pathlib import Path
 
 import numpy as np
@@ -70,27 +70,45 @@ def chance_precision(labels) -> float:
     return float((c * (c - 1)).sum() / (n * (n - 1)))
 
 # %% ../../nbs/45_train.monitor.ipynb #0fb0511a
+def _monitor_rows(manifest, label: str, split, max_images: int, seed: int, key: str) -> pd.DataFrame:
+    df = load_manifest(manifest)
+    if split is not None: df = df[df["split"].isin([split] if isinstance(split, str) else split)]
+    if label not in df.columns: raise ValueError(f"no column {label!r} (data.eval_label)")
+    df = df[df[label].notna()]
+    if len(df) > max_images: df = df.sample(max_images, random_state=seed)
+    if len(df) < 2: raise ValueError(f"fewer than 2 labelled rows in split {split!r}")
+    return df
+
 class RetrievalMonitor:
-    "Precision@k of the teacher's CLS embeddings on a labelled manifest."
-    def __init__(self, manifest: str, label: str, split: str | None = None, size: int = 224, k: int = 10,
-                 max_images: int = 400, seed: int = 0):
-        df = load_manifest(manifest)
-        if split is not None: df = df[df["split"] == split]
-        if label not in df.columns: raise ValueError(f"monitor manifest {manifest} has no column {label!r} (data.eval_label)")
-        df = df[df[label].notna()]
-        if len(df) > max_images: df = df.sample(max_images, random_state=seed)
-        if len(df) < 2: raise ValueError(f"monitor manifest {manifest}: fewer than 2 labelled rows in split {split!r}")
+    "Precision@k of the teacher's CLS embeddings on a labelled manifest; falls back or turns itself off, never raises on its data."
+    def __init__(self, manifest: str | None, label: str, split: str | None = None, size: int = 224, k: int = 10,
+                 max_images: int = 400, seed: int = 0, fallback_manifest: str | None = None):
+        self.k, self.skipped, self.source, why = k, [], None, []
         tf = make_eval_transform(default_preprocess(size))
-        imgs, labels, self.skipped = [], [], []
-        for pth, lab in zip(df["abs_path"], df[label].astype(str)):
-            try: imgs.append(tf(read_image(pth))); labels.append(lab)
-            except Exception as e: self.skipped.append((pth, f"{type(e).__name__}: {e}"))  # reported by the trainer
-        if len(imgs) < 2: raise ValueError(f"monitor manifest {manifest}: fewer than 2 readable labelled images")
-        self.images, self.labels, self.k = torch.stack(imgs), np.array(labels), k
-        self.chance = chance_precision(self.labels)
+        for m, sp, key in ((manifest, split, "data.eval_manifest"), (fallback_manifest, ["val", "test"], "data.manifest")):
+            if m is None: continue
+            try:
+                df = _monitor_rows(m, label, sp, max_images, seed, key)
+                imgs, labels, skipped = [], [], []
+                for pth, lab in zip(df["abs_path"], df[label].astype(str)):
+                    try: imgs.append(tf(read_image(pth))); labels.append(lab)
+                    except Exception as e: skipped.append((pth, f"{type(e).__name__}: {e}"))  # reported by the trainer
+                self.skipped += skipped
+                if len(imgs) < 2: raise ValueError("fewer than 2 readable labelled images")
+            except Exception as e:  # an aid: any problem with its data turns to the next source, never stops the run
+                why.append(f"{key}={m} (split {sp}): {str(e).splitlines()[0] if str(e) else type(e).__name__}"); continue
+            self.images, self.labels, self.source = torch.stack(imgs), np.array(labels), f"{key}={m}"
+            self.chance = chance_precision(self.labels)
+            if why: warnings.warn(f"retrieval monitor: {why[0]}; using the held-out rows of {self.source} instead")
+            return
+        self.enabled, self.chance = False, float("nan")
+        warnings.warn("retrieval monitor off, pre-training goes on: " + ("; ".join(why) or "no labelled manifest (data.eval_manifest)"))
+
+    enabled = True
 
     @torch.no_grad()
     def __call__(self, backbone: nn.Module, device, precision: str = "fp32", batch: int = 64) -> dict:
+        if not self.enabled: return {f"p_at_{self.k}": float("nan"), f"p_at_{self.k}_chance": float("nan")}
         was = backbone.training; backbone.eval()
         embs = []
         for i in range(0, len(self.images), batch):

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/43_train.stream.ipynb #eca8ebc7
 from __future__ import annotations
-import random
+import ctypes, random, signal, sys
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -121,9 +121,15 @@ class StepCollate:
         return out
 
 # %% ../../nbs/43_train.stream.ipynb #ea395e15
+def _die_with_parent(worker_id: int) -> None:
+    "Loader worker set-up: on Linux the kernel ends this worker the moment the trainer dies, even by SIGKILL."
+    # PyTorch's own watchdog only notices a dead parent every few seconds, between batches
+    if sys.platform.startswith("linux"): ctypes.CDLL(None).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+
 def make_loader(stream: PretrainStream, collate: StepCollate, start: int, stop: int, rank: int, world: int,
                 num_workers: int = 0) -> torch.utils.data.DataLoader:
     "A DataLoader over steps `start..stop-1` of `stream` for process `rank` of `world`."
     return torch.utils.data.DataLoader(stream, batch_sampler=StepBatches(start, stop, collate.B, rank, world),
                                        collate_fn=collate, num_workers=num_workers,
-                                       persistent_workers=False, prefetch_factor=2 if num_workers else None)
+                                       persistent_workers=False, prefetch_factor=2 if num_workers else None,
+                                       worker_init_fn=_die_with_parent if num_workers else None)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/46_train.trainer.ipynb #e9e5e15e
 from __future__ import annotations
-import argparse, csv, json, os, resource, sys, time
+import argparse, csv, errno, json, os, resource, sys, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..core import (ConfigError, autocast, parse_overrides, precision_dtype, progress, native_bf16, resolve_precision,
+from ..core import (ConfigError, OutputError, autocast, check_writable, disk_error, parse_overrides, precision_dtype, progress, native_bf16, resolve_precision,
                           save_config, seed_everything, select_device)
 from ..models.backbones import ModelConfig
 from ..models.heads import HeadsConfig
@@ -22,7 +22,7 @@ from .schedules import apply_schedules, build_schedules, clip_grad_norms, make_o
 from .config import TrainConfig, load_train_config
 from .distributed import DistInfo, all_mean, barrier, init_distributed, shard_meta
 from .stream import PretrainStream, StepCollate, build_multicrop, derive_seed, make_loader, manifest_paths
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from .monitor import METRIC_FIELDS, MetricLog, RetrievalMonitor
 
 # %% auto #0
@@ -63,7 +63,8 @@ def _prepare(cfg: TrainConfig, out: Path, d: DistInfo) -> None:
     if T.batch_size % d.world: raise ConfigError(f"train.batch_size {T.batch_size} is not divisible by {d.world} processes")
     if T.precision == "fp16" and d.device.type != "cuda": raise ConfigError("train.precision=fp16 needs a GPU; use bf16 on CPU")
     seed_everything(T.seed, T.deterministic)
-    if d.main: out.mkdir(parents=True, exist_ok=True); save_config(cfg, out / "config.yaml")
+    check_writable(out)                                       # every rank: "cannot write to <out>" now, not after the work
+    if d.main: save_config(cfg, out / "config.yaml")
     barrier(d)
 
 def _build(run: _Run) -> None:
@@ -78,11 +79,10 @@ def _build(run: _Run) -> None:
     run.sched = build_schedules(cfg.optim, T.max_steps, T.batch_size)
 
 def _resume(run: _Run) -> None:
-    "Load the newest complete checkpoint of the run folder, if any (weights, optimiser, RNG states, trainer state)."
-    ckpts = list_checkpoints(run.ckpt_dir)
-    if not ckpts: return
-    run.state = load_checkpoint(ckpts[-1], run.meta, run.optimizer, run.d)
-    run.start, run.resumed = int(run.state["step"]), str(ckpts[-1])
+    "Load the newest intact checkpoint of the run folder, if any (weights, optimiser, RNG states, trainer state)."
+    ck, state = load_latest_checkpoint(run.ckpt_dir, run.meta, run.optimizer, run.d)   # warns about each one refused
+    if ck is None: return
+    run.state, run.start, run.resumed = state, int(state["step"]), str(ck)
     if run.scaler is not None and run.state.get("scaler"): run.scaler.load_state_dict(run.state["scaler"])
 
 # %% ../../nbs/46_train.trainer.ipynb #8641aa54
@@ -105,10 +105,11 @@ def _open_logs(run: _Run) -> None:
     run.log = MetricLog(run.out, METRIC_FIELDS, "metrics", d.main, at, run.tb)
     if cfg.data.eval_manifest:
         run.monitor = RetrievalMonitor(cfg.data.eval_manifest, cfg.data.eval_label, cfg.data.eval_split, run.mc.global_size,
-                                       T.eval_k, cfg.data.eval_max_images, T.seed)
+                                       T.eval_k, cfg.data.eval_max_images, T.seed, fallback_manifest=cfg.data.manifest)
+        if run.monitor.skipped: _report_skipped(run.skipped_csv, "monitor", run.monitor.skipped)
+        if not run.monitor.enabled: run.monitor = None   # it warned why; the run goes on without it
     run.mlog = MetricLog(run.out, ["step", f"p_at_{T.eval_k}", f"p_at_{T.eval_k}_chance"], "monitor",
                          d.main and run.monitor is not None, at, run.tb, prefix="monitor", at_checkpoint=True)
-    if run.monitor is not None and run.monitor.skipped: _report_skipped(run.skipped_csv, "monitor", run.monitor.skipped)
 
 def _run_monitor(run: _Run, step: int) -> dict | None:
     "Precision@k of the teacher at `step`, logged; None without a monitor."
@@ -159,8 +160,19 @@ def _train_step(run: _Run, batch: dict, step: int, v: dict, warn) -> tuple[dict,
         norms = clip_grad_norms(_modules(meta), cfg.optim.clip_grad)
         opt.step()
     opt.zero_grad(set_to_none=True)
+    _check_weights(meta, d, step)
     meta.update_teacher(v["momentum"])
     return terms, norms, finite
+
+def _check_weights(meta: SSLMetaArch, d: DistInfo, step: int) -> None:
+    "Raise `FloatingPointError` naming `step` and a tensor when the student's weights are no longer finite (all ranks)."
+    ps = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in meta.student.named_parameters()]
+    ok = torch.isfinite(torch.stack([x.float() for x in torch._foreach_norm([p.detach() for _, p in ps])]).sum()).float()
+    if d.distributed: dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if ok.item() < 1:
+        bad = next((n for n, p in ps if not torch.isfinite(p.detach()).all()), "(on another process)")
+        raise FloatingPointError(f"the student's weights became non-finite at step {step} (e.g. student.{bad}); aborting. "
+                                 "Lower optim.base_lr or optim.clip_grad, or check the data")
 
 # %% ../../nbs/46_train.trainer.ipynb #777d8703
 def _log_step(run: _Run, step: int, terms: dict, norms: dict, finite: torch.Tensor, v: dict, dt: float, bar) -> dict:
@@ -206,6 +218,9 @@ def pretrain(cfg: TrainConfig | dict | str, out_dir: str | Path) -> dict:
     d = init_distributed(cfg.train.device)
     try:
         return _pretrain(cfg, Path(out_dir), d)
+    except OSError as e:   # a full disk or a read-only file system met mid-run: say so with the path
+        if isinstance(e, OutputError) or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS): raise
+        raise disk_error(e, out_dir) from e
     finally:
         if d.own_group and dist.is_initialized(): dist.destroy_process_group()
 
@@ -222,11 +237,11 @@ def _pretrain(cfg: TrainConfig, out: Path, d: DistInfo) -> dict:
     run.meta.train()
     bar = progress(total=T.max_steps, initial=run.start, desc="pretrain", unit="step")
     warn = lambda msg: bar.write(msg, file=sys.stderr)
-    last_terms, n_skipped, t_prev = {}, 0, time.perf_counter()
+    last_terms, skipped, t_prev = {}, set(), time.perf_counter()
     for batch in loader:
         step = batch["step"]
         if batch["skipped"]:
-            n_skipped += len(batch["skipped"]); _report_skipped(run.skipped_csv, step, batch["skipped"])
+            skipped.update(p for p, _ in batch["skipped"]); _report_skipped(run.skipped_csv, step, batch["skipped"])
         v = run.sched.at(step)
         terms, norms, finite = _train_step(run, batch, step, v, warn)
         done = step + 1
@@ -236,7 +251,7 @@ def _pretrain(cfg: TrainConfig, out: Path, d: DistInfo) -> dict:
         last_mon = _after_step(run, done, stop, last_mon)
     bar.close()
     if run.tb is not None: run.tb.close()
-    return _summary(run, last_terms, last_mon, n_skipped)
+    return _summary(run, last_terms, last_mon, len(skipped))   # files, not events: a file can be drawn again
 
 # %% ../../nbs/46_train.trainer.ipynb #d58074e4
 def cli_pretrain(argv: list[str] | None = None) -> int:
@@ -251,7 +266,7 @@ def cli_pretrain(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"xr0 pretrain: {e}", file=sys.stderr); return 2
     try: res = pretrain(cfg, a.out)
-    except (ConfigError, NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, FloatingPointError, ValueError, FileNotFoundError, OutputError) as e:   # CheckpointError is a ValueError
         print(f"xr0 pretrain: {e}", file=sys.stderr); return 1
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in res.items() if k != "last_metrics"}, default=str))

@@ -23,8 +23,9 @@ from ..knn import cosine_topk
 from .patches import as_numpy, patch_brightness, pca_patch_map
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'upsample', 'to_rgb', 'overlay_heatmap', 'overlay_rgb', 'new_figure', 'image_grid', 'figure_png',
-           'correspondence_figure', 'retrieval_gallery', 'training_figure', 'pca_figure', 'gallery_figure']
+__all__ = ['LOSS_TERMS', 'LOSS_PANELS', 'upsample', 'to_rgb', 'overlay_heatmap', 'overlay_rgb', 'new_figure', 'image_grid',
+           'figure_png', 'correspondence_figure', 'retrieval_gallery', 'training_figure', 'pca_figure',
+           'gallery_figure']
 
 # %% ../../nbs/61_viz.figures.ipynb #43800ec3
 def upsample(a, size: tuple[int, int], mode: str = "nearest") -> np.ndarray:
@@ -110,44 +111,56 @@ def retrieval_gallery(query_image, neighbour_images: Sequence, similarities: Seq
                       neighbour_labels: Sequence | None = None, query_label=None, title: str | None = None) -> Figure:
     "Query then its neighbours in one row, with label, similarity, and a green (match) / red (mismatch) frame."
     k = len(neighbour_images)
+    sims = [float(x) for x in similarities]
+    # enough digits to rank the neighbours: 4, or up to 8 where they differ only there (random init sits at 1 - 3e-5)
+    d = next((d for d in range(4, 9) if len({round(x, d) for x in sims}) == len(set(sims))), 8)
     fig, axes = new_figure(1, k + 1, 1.8)
     axes = axes[0]
     axes[0].imshow(to_rgb(query_image)); axes[0].set_title(f"query\n{query_label if pd.notna(query_label) else ''}", fontsize=8)
-    for ax, im, s, lab in zip(axes[1:], neighbour_images, similarities, neighbour_labels if neighbour_labels is not None else [None] * k):
+    for ax, im, s, lab in zip(axes[1:], neighbour_images, sims, neighbour_labels if neighbour_labels is not None else [None] * k):
         ax.imshow(to_rgb(im))
         ok = None if not (pd.notna(lab) and pd.notna(query_label)) else (lab == query_label)
         colour = "grey" if ok is None else ("tab:green" if ok else "tab:red")
         mark = "" if ok is None else ("✓ " if ok else "✗ ")
         for sp in ax.spines.values(): sp.set_edgecolor(colour); sp.set_linewidth(4)
-        ax.set_title(f"{mark}{lab if pd.notna(lab) else ''}\ncos {s:.2f}", fontsize=8, color=colour)
+        ax.set_title(f"{mark}{lab if pd.notna(lab) else ''}\ncos {s:.{d}f}", fontsize=8, color=colour)
     if title: fig.suptitle(title, fontsize=9)
     return fig
 
 # %% ../../nbs/61_viz.figures.ipynb #f4bb98b0
 LOSS_TERMS = ("total", "dino_global", "dino_local", "ibot", "koleo")
+# one panel per loss family: the terms differ in scale (KoLeo falls from ~20 while DINO and iBOT move by tenths)
+LOSS_PANELS = {"total loss": ("total",), "DINO (CLS)": ("dino_global", "dino_local"), "iBOT (masked patches)": ("ibot",),
+               "KoLeo (spread)": ("koleo",)}
 
-def training_figure(metrics_csv: str | Path, monitor_csv: str | Path | None = None) -> Figure:
-    "Loss terms against step (left) and the monitored retrieval P@k with its chance level (right)."
+def training_figure(metrics_csv: str | Path, monitor_csv: str | Path | None = None,
+                    monitor_title: str = "retrieval monitor P@k\n(anatomy, test split)") -> Figure:
+    "One panel per loss family against step, then the monitored retrieval P@k with its chance level."
     m = pd.read_csv(metrics_csv)
     mon = pd.read_csv(monitor_csv) if monitor_csv is not None and Path(monitor_csv).is_file() else None
-    fig = Figure(figsize=(9 if mon is not None else 5, 3.2), layout="constrained")
-    axes = fig.subplots(1, 2 if mon is not None else 1, squeeze=False)[0]
-    for t in LOSS_TERMS:
-        if t in m.columns and m[t].notna().any(): axes[0].plot(m["step"], m[t], label=t, lw=1)
-    axes[0].set_xlabel("step"); axes[0].set_ylabel("loss"); axes[0].legend(fontsize=7); axes[0].set_title("pre-training losses", fontsize=9)
+    panels = {t: [c for c in cols if c in m.columns and m[c].notna().any()] for t, cols in LOSS_PANELS.items()}
+    panels = {t: c for t, c in panels.items() if c}
+    n = len(panels) + (mon is not None)
+    fig = Figure(figsize=(2.6 * n, 2.8), layout="constrained")
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    for ax, (t, cols) in zip(axes, panels.items()):
+        for c in cols: ax.plot(m["step"], m[c], label=c, lw=1)
+        ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.set_title(t, fontsize=9)
+        if len(cols) > 1: ax.legend(fontsize=7)
     if mon is not None:
-        pk = [c for c in mon.columns if c.startswith("p_at_") and not c.endswith("_chance")]
-        for c in pk:
-            axes[1].plot(mon["step"], mon[c], marker="o", label=c.replace("p_at_", "P@"))
-            if f"{c}_chance" in mon: axes[1].plot(mon["step"], mon[f"{c}_chance"], ls="--", color="grey", label="chance")
-        axes[1].set_xlabel("step"); axes[1].set_ylabel("precision"); axes[1].legend(fontsize=7)
-        axes[1].set_title("retrieval monitor (anatomy, test split)", fontsize=9)
+        ax = axes[-1]
+        for c in [c for c in mon.columns if c.startswith("p_at_") and not c.endswith("_chance")]:
+            ax.plot(mon["step"], mon[c], marker="o", label=c.replace("p_at_", "P@"))
+            if f"{c}_chance" in mon: ax.plot(mon["step"], mon[f"{c}_chance"], ls="--", color="grey", label="chance")
+        ax.set_xlabel("step"); ax.set_ylabel("precision"); ax.set_ylim(0, 1.02); ax.legend(fontsize=7)
+        ax.set_title(monitor_title, fontsize=8)
+    fig.suptitle("pre-training: loss terms and retrieval monitor", fontsize=10)
     return fig
 
 # %% ../../nbs/61_viz.figures.ipynb #95c7c594
 @torch.no_grad()
-def pca_figure(backbones: dict, images: Sequence[np.ndarray], size: int) -> Figure:
-    "One row per backbone of DINOv2-style PCA patch maps over `images`, under a row of the images themselves."
+def pca_figure(backbones: dict, images: Sequence[np.ndarray], size: int, column_labels: Sequence[str] | None = None) -> Figure:
+    "One row per backbone of DINOv2-style PCA patch maps over `images`, under a row of the images; titled, columns labelled, colours explained."
     rows, labels = [[np.asarray(im) for im in images]], ["image"]
     for name, bb in backbones.items():
         pp = dict(preprocess_config(bb), size=size, crop_size=size)
@@ -156,7 +169,12 @@ def pca_figure(backbones: dict, images: Sequence[np.ndarray], size: int) -> Figu
         grid = bb.eval().forward_features(x)["patch"].float()
         maps = pca_patch_map(grid.numpy(), brightness=patch_brightness(x.mean(1).numpy(), grid.shape[1:3]))
         rows.append([overlay_rgb(im, maps.rgb[i], alpha=0.75) for i, im in enumerate(images)]); labels.append(name)
-    return image_grid(rows, row_labels=labels, panel=1.8)
+    cols = list(column_labels) if column_labels is not None else [f"image {i + 1}" for i in range(len(images))]
+    fig = image_grid(rows, titles=[cols] + [[]] * len(backbones), row_labels=labels, panel=1.8)
+    fig.suptitle(f"PCA of patch features ({size} px)", fontsize=10)
+    fig.supxlabel("colour = PCA components 2-4 of each backbone's patch features as RGB (same colour = similar features);\n"
+                  "uncoloured = background by component 1", fontsize=7)
+    return fig
 
 # %% ../../nbs/61_viz.figures.ipynb #bf81bfeb
 def gallery_figure(emb, df: pd.DataFrame, query_row: int, label: str, k: int = 5, title: str | None = None) -> Figure:
