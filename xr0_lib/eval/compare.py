@@ -52,18 +52,18 @@ _TOKENS = {"mlp": ("cls",), "knn": ("cls",), "patch": ("patch",), "linear": ("cl
 
 def _fit(probe, emb, tr, va, te, y, kind, seed, kw):
     "Test-set probabilities of one probe; multi-class columns cover every class of the task, even one a small subset lacks."
-    p = _fit_probe(probe, emb, tr, va, te, y, kind, seed, kw)
     n = int(y.max()) + 1 if kind == "multiclass" else 0
+    p = _fit_probe(probe, emb, tr, va, te, y, kind, seed, kw, n or None)
     # a 1 % subset may miss a class: the probe never predicts it (probability 0), and the metrics still see all n columns
     return np.pad(p, ((0, 0), (0, n - p.shape[1]))) if p.ndim == 2 and p.shape[1] < n else p
 
-def _fit_probe(probe, emb, tr, va, te, y, kind, seed, kw):
+def _fit_probe(probe, emb, tr, va, te, y, kind, seed, kw, n_classes):
     if probe == "mlp": return fit_mlp_probe(emb["cls"][tr], y[tr], emb["cls"][va], y[va], kind, seed=seed, **kw).predict_proba(emb["cls"][te])
     if probe == "patch":
         P = emb["patch"]
         return fit_patch_probe(np.asarray(P[tr]), y[tr], np.asarray(P[va]), y[va], kind, seed=seed, **kw).predict_proba(np.asarray(P[te]))
     if probe == "knn": return knn_predict_proba(emb["cls"][tr], y[tr], emb["cls"][te], kind=kind,
-                                         n_classes=int(y.max()) + 1 if kind == "multiclass" else None, **kw)
+                                         n_classes=n_classes, **kw)
     if probe == "linear":
         sub = lambda idx: {k: np.asarray(emb[k])[idx] for k in ("cls", "last4", "patch_mean")}
         return fit_linear_protocol(sub(tr), y[tr], sub(va), y[va], kind, seed=seed, **kw).predict_proba(sub(te))
