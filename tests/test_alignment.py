@@ -72,11 +72,26 @@ def test_temperature_stays_clamped(phantom):
     df, pairs = phantom
     m, tok = tiny_aligner(list(pairs.text))
     with torch.no_grad(): m.logit_scale.fill_(MAX_LOGIT_SCALE - 0.01)
-    hist = train_alignment(m, tok, pairs, df.abs_path, align_preset("cpu", epochs=2, batch_size=8, lr_proj=1.0))
+    hist = train_alignment(m, tok, pairs, df.abs_path, align_preset("phantom", epochs=2, batch_size=8, lr_proj=1.0))
     assert all(h["logit_scale"] <= 100 + 1e-3 for h in hist), hist
     assert 0 <= m.logit_scale.item() <= MAX_LOGIT_SCALE + 1e-6
     with torch.no_grad(): m.logit_scale.fill_(-3.0)
     assert m.clamp_().logit_scale.item() == 0.0        # open_clip's lower bound: inverse temperature >= 1
+
+
+def test_augment_is_checked_and_none_trains(phantom):
+    df, pairs = phantom
+    m, tok = tiny_aligner(list(pairs.text))
+    hist = train_alignment(m, tok, pairs, df.abs_path, align_preset("phantom", epochs=1, batch_size=8, augment="none"))
+    assert np.isfinite(hist[0]["loss"])
+    with pytest.raises(ValueError, match="augment"):
+        train_alignment(m, tok, pairs, df.abs_path, align_preset("phantom", epochs=1, augment="strong"))
+
+
+def test_presets_keep_xr0_recipe_and_say_what_the_phantom_changes():
+    x, p = align_preset("xr0"), align_preset("phantom")
+    assert (x.lr_proj, x.lr_encoder, x.init_temperature, x.augment, x.epochs) == (1e-4, 1e-5, 0.07, "global", 100)
+    assert p.init_temperature > x.init_temperature and p.lr_encoder > x.lr_encoder and p.augment == "none"
 
 
 def _free_port():
@@ -162,12 +177,12 @@ def test_tiny_local_bert_folder_loads_like_pubmedbert(tmp_path):
 
 def test_training_resumes_after_an_interruption(phantom, tmp_path):
     df, pairs = phantom
-    cfg = align_preset("cpu", epochs=1, batch_size=8)
+    cfg = align_preset("phantom", epochs=1, batch_size=8)
     m, tok = tiny_aligner(list(pairs.text))
     train_alignment(m, tok, pairs, df.abs_path, cfg, out_dir=tmp_path)            # "interrupted" after epoch 0
     first = json.loads((tmp_path / "align_progress.json").read_text())["history"]
     m2, _ = tiny_aligner(list(pairs.text))
-    hist = train_alignment(m2, tok, pairs, df.abs_path, align_preset("cpu", epochs=2, batch_size=8), out_dir=tmp_path)
+    hist = train_alignment(m2, tok, pairs, df.abs_path, align_preset("phantom", epochs=2, batch_size=8), out_dir=tmp_path)
     assert [h["epoch"] for h in hist] == [0, 1] and hist[0] == first[0]
     # the restarted model began from the saved weights, not from its own init
     m3, _ = tiny_aligner(list(pairs.text))

@@ -10,12 +10,17 @@ from xr0_lib.experiments import list_experiments, run_experiment
 # Smaller-than-default parameters for CI, per experiment (anything not named keeps its notebook default).
 CI_PARAMS: dict[str, dict] = {
     "quickstart": {"preset": "ci"},   # ~160 images at 56 px, a 2-block ViT, 16 steps; still writes report.md
-    "classification": {"seeds": [0, 1], "seed_mean": True},   # the seed-mean path through papermill
+    "classification": {"seeds": [0, 1], "seed_mean": True, "convergence_seeds": [0, 1], "convergence_epochs": 8},   # seed-mean path
     "align": {"n_images": 64, "image_size": 56, "backbone": "xr0-vitp14", "epochs": 2, "batch_size": 16, "text_hidden": 32,
               "n_boot": 50},
     "segmentation": {"n_images": 160, "image_size": 56, "input_size": 56, "max_iters": 10, "tasks": ["bones"], "n_resamples": 20},
     "localisation": {"n_images": 40, "image_size": 56, "input_size": 56, "n_boot": 20,
                      "decoder": {"queries": 4, "layers": 1, "width": 16, "heads": 2, "epochs": 2}},
+    "report_generation": {"n_images": 120, "image_size": 56, "epochs": 2, "lm_epochs": 2, "n_resamples": 50, "fractions": [0.5, 1.0],
+                          "max_new_tokens": 40},
+    "grounding": {"n_images": 60, "image_size": 56, "input_size": 56, "epochs": 2, "layers": 1, "width": 32, "text_hidden": 32,
+                  "n_boot": 20, "n_figure": 2, "torch_threads": 1},
+    "matrix": {"suite": "phantom-ci", "tasks": ["retrieval"]},   # the whole phantom-ci suite runs in tests/test_matrix.py
 }
 
 EXPERIMENTS = list_experiments()

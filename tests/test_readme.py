@@ -41,6 +41,7 @@ RULES = {
     r"papermill nbs/experiments/retrieval.ipynb": ([], ["-p", "n_images", "32", "-p", "n_boot", "20"]),
     r"xr0 phantom\b": ([(r"--n \d+", "--n 60")], []),
     r"xr0 pretrain\b": ([(r"train\.max_steps=\d+", "train.max_steps=2")], ["--set", "train.batch_size=4"]),
+    r"xr0 run matrix\b": ([], ["-p", "tasks", '["retrieval"]']),   # one cell; tests/test_matrix.py runs the whole phantom-ci suite
 }
 
 

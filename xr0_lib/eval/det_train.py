@@ -19,6 +19,7 @@ from ..core import seed_everything
 from ..data.manifest import fraction_subset, read_image
 from ..models.backbones import preprocess_config
 from .metrics import bootstrap_indices, paired_delta
+from .embeddings import frozen_patch_grids
 from .detection import (DetrConfig, DetrDecoder, detection_targets, detr_loss, from_input_frame, letterbox,
                                     letterbox_image, to_input_frame)
 
@@ -28,24 +29,18 @@ __all__ = ['PHANTOM_TASKS', 'detection_features', 'train_detector', 'predict_det
            'benchmark_detection']
 
 # %% ../../nbs/58a_eval.det_train.ipynb #c17d0164
-@torch.no_grad()
 def detection_features(backbone, paths, taps=(-1,), batch_size: int = 16, dtype=torch.float32) -> tuple[torch.Tensor, list, list[str]]:
     "Patch tokens (N_ok, taps, h, w, D) of the readable images, each path's letterbox (None if unreadable), and the problems."
     pc = preprocess_config(backbone); size = int(pc.get("crop_size") or pc["size"])
-    backbone.eval(); dev = next(backbone.parameters()).device
-    feats, lbs, probs, batch = [], [], [], []
-    def flush():
-        if not batch: return
-        out = backbone.get_intermediate_layers(torch.stack(batch).to(dev), n=list(taps), split=True)
-        feats.append(torch.stack([o["patch"] for o in out], 1).to("cpu", dtype)); batch.clear()
-    for i, p in enumerate(paths):
-        try: img = read_image(p)
-        except Exception as e:  # reported with the row, never fatal
-            probs.append(f"row {i} ({p}): cannot read the image: {type(e).__name__}: {e}"); lbs.append(None); continue
-        lbs.append(letterbox(img.shape[:2], size)); batch.append(letterbox_image(img, size, pc["mean"], pc["std"]))
-        if len(batch) == batch_size: flush()
-    flush()
-    return (torch.cat(feats) if feats else torch.zeros(0)), lbs, probs
+    lbs, probs = [], []
+    def letterboxed():   # read lazily, batch by batch, by eval.embeddings.frozen_patch_grids (the one home of tapped grids)
+        for i, p in enumerate(paths):
+            try: img = read_image(p)
+            except Exception as e:  # reported with the row, never fatal
+                probs.append(f"row {i} ({p}): cannot read the image: {type(e).__name__}: {e}"); lbs.append(None); continue
+            lbs.append(letterbox(img.shape[:2], size)); yield letterbox_image(img, size, pc["mean"], pc["std"])
+    grids = frozen_patch_grids(backbone, letterboxed(), taps, batch_size, dtype=dtype)
+    return (torch.stack(grids, 1) if len(grids[0]) else torch.zeros(0)), lbs, probs
 
 # %% ../../nbs/58a_eval.det_train.ipynb #6b326325
 def _input_targets(targets, lbs):

@@ -4,7 +4,9 @@
 
 # %% ../../nbs/50_eval.embeddings.ipynb #c94df269
 from __future__ import annotations
-import argparse, hashlib, json, os, shutil, sys, time
+import argparse, hashlib, json, os, shutil, subprocess, sys, tempfile, time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -17,11 +19,39 @@ import torch.nn.functional as F
 from ..core import autocast, get_settings, progress, resolve_precision, select_device
 from ..data.manifest import load_manifest, read_image
 from ..augment import make_eval_transform
-from ..models.backbones import load_backbone, preprocess_config
+from ..models.backbones import export_hf, load_backbone, preprocess_config
+from ..models.vit import DinoVisionTransformer, create_backbone
 from ..models.inference import inference_model
+from timm.layers.attention import Attention as _TimmAttention
+from timm.models.vision_transformer import Block as _TimmBlock
 
 # %% auto #0
-__all__ = ['TOKEN_TYPES', 'embed_batch', 'extract_embeddings', 'cli_embed']
+__all__ = ['TOKEN_TYPES', 'embed_batch', 'frozen_patch_grids', 'extract_embeddings', 'cli_embed',
+           'benchmark_embedding_vs_transformers']
+
+# %% ../../nbs/50_eval.embeddings.ipynb #b563207e
+def _prefix_only_ok(backbone) -> bool:
+    "True when `_prefix_features` can stand in for `forward_features` on this module."
+    if not isinstance(backbone, DinoVisionTransformer) or not len(backbone.blocks): return False   # not the compiled fast copy
+    blk = backbone.blocks[-1]
+    return (type(blk) is _TimmBlock and type(blk.attn) is _TimmAttention and blk.attn.gate is None
+            and not backbone.training and not getattr(backbone, "grad_checkpointing", False))
+
+def _prefix_features(backbone, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    "`cls` and `registers` of `forward_features(x)`, with the last block computed for the prefix tokens only."
+    t, _ = backbone.prepare_tokens(x)
+    t = backbone.blocks[:-1](t)
+    blk, P = backbone.blocks[-1], 1 + backbone.num_registers
+    a = blk.attn; B, T, D = t.shape; H = a.num_heads; hd = a.head_dim
+    y = blk.norm1(t)
+    w, b = a.qkv.weight, a.qkv.bias
+    q = F.linear(y[:, :P], w[:a.attn_dim], None if b is None else b[:a.attn_dim]).view(B, P, H, hd).transpose(1, 2)
+    kv = F.linear(y, w[a.attn_dim:], None if b is None else b[a.attn_dim:]).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)
+    q, k = a.q_norm(q), a.k_norm(kv[0])
+    o = F.scaled_dot_product_attention(q, k, kv[1]).transpose(1, 2).reshape(B, P, a.attn_dim)
+    h = t[:, :P] + blk.ls1(a.proj(a.norm(o)))
+    h = backbone.norm(h + blk.ls2(blk.mlp(blk.norm2(h))))
+    return {"cls": h[:, 0], "registers": h[:, 1:P]}
 
 # %% ../../nbs/50_eval.embeddings.ipynb #ab7fdca1
 TOKEN_TYPES = ("cls", "registers", "patch", "patch_mean", "last4")
@@ -39,6 +69,7 @@ def embed_batch(backbone: nn.Module, x: torch.Tensor, tokens: Sequence[str], pat
     if "last4" in tokens:
         layers = backbone.get_intermediate_layers(x, 4, norm=True, split=True)
         feats = layers[-1]
+    elif set(tokens) <= {"cls", "registers"} and _prefix_only_ok(backbone): layers, feats = None, _prefix_features(backbone, x)
     else: layers, feats = None, backbone.forward_features(x)
     out = {}
     for t in tokens:
@@ -52,6 +83,35 @@ def embed_batch(backbone: nn.Module, x: torch.Tensor, tokens: Sequence[str], pat
         out[t] = v.detach().float().cpu().to(torch.float16 if t == "patch" else torch.float32)
     return out
 
+# %% ../../nbs/50_eval.embeddings.ipynb #4d5021f6
+@torch.no_grad()
+def frozen_patch_grids(backbone: nn.Module, images, layers: Sequence[int] = (-1,), batch_size: int = 16,
+                       normalise: bool = False, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    "Patch grids (N, h, w, D) of blocks `layers` for `images` (N, C, S, S) or an iterable of (C, S, S), on CPU in `dtype`."
+    depth = len(backbone.blocks); idx = [l % depth for l in layers]; uniq = sorted(set(idx))
+    dev = next(backbone.parameters()).device
+    if normalise:
+        cfg = preprocess_config(backbone)
+        mean, std = (torch.tensor(cfg[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
+    out, batch = [[] for _ in uniq], []
+    def flush():
+        x = torch.stack(batch) if not isinstance(batch, torch.Tensor) else batch
+        if normalise: x = (x.expand(-1, 3, -1, -1) - mean) / std
+        for k, o in enumerate(backbone.get_intermediate_layers(x.to(dev), uniq, split=True)):
+            out[k].append(o["patch"].to("cpu", dtype))
+    was = backbone.training; backbone.eval()
+    try:
+        if isinstance(images, torch.Tensor):
+            for s in range(0, len(images), batch_size): batch = images[s:s + batch_size]; flush()
+        else:
+            for im in images:
+                batch.append(im)
+                if len(batch) == batch_size: flush(); batch = []
+            if batch: flush()
+    finally: backbone.train(was)
+    cat = [torch.cat(o) if o else torch.zeros(0) for o in out]
+    return [cat[uniq.index(i)] for i in idx]
+
 # %% ../../nbs/50_eval.embeddings.ipynb #93f97e6a
 def _weights_hash(module: nn.Module) -> str:
     "Content hash of a module's state dict (names, shapes, dtypes and bytes)."
@@ -59,7 +119,7 @@ def _weights_hash(module: nn.Module) -> str:
     for k, v in module.state_dict().items():
         t = v.detach().cpu().contiguous()
         h.update(f"{k}|{tuple(t.shape)}|{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel(): h.update(t.view(torch.uint8).numpy())   # the buffer itself, no bytes copy
     return h.hexdigest()
 
 def _manifest_fingerprint(df: pd.DataFrame) -> str:
@@ -99,6 +159,23 @@ class _ImageSet(torch.utils.data.Dataset):
 
 def _collate(items): return items
 
+def _batches(ds, batch_size: int, num_workers: int = 0, threads: int = 1):
+    "Lists of (row, tensor | None, error): from `num_workers` loader processes, or decoded by `threads` threads ahead of the model."
+    if num_workers > 0:
+        yield from torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                                               shuffle=False, prefetch_factor=4)
+        return
+    n, pos = len(ds), 0
+    if threads <= 0:
+        for s in range(0, n, batch_size): yield [ds[i] for i in range(s, min(n, s + batch_size))]
+        return
+    # Pillow's decoders and torch's resize release the GIL: threads decode the next two batches while the model runs
+    with ThreadPoolExecutor(threads) as ex:
+        futs = deque()
+        while pos < n or futs:
+            while pos < n and len(futs) < 2 * batch_size: futs.append(ex.submit(ds.__getitem__, pos)); pos += 1
+            yield [futs.popleft().result() for _ in range(min(batch_size, len(futs)))]
+
 def _resolve_backbone(backbone):
     if isinstance(backbone, nn.Module):
         name = getattr(backbone, "name_or_path", None) or getattr(backbone, "source", None) or type(backbone).__name__
@@ -112,7 +189,7 @@ def _as_manifest(manifest) -> tuple[pd.DataFrame, str]:
 # %% ../../nbs/50_eval.embeddings.ipynb #a7bd07d7
 def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), batch_size: int = 32, cache_dir: str | Path | None = None, patch_pool: int | None = None,
                        device: str = "auto", precision: str = "fp32", num_workers: int = 0, refresh: bool = False,
-                       show_progress: bool | None = None, fast: bool = False) -> dict[str, np.ndarray]:
+                       show_progress: bool | None = None, fast: bool = False, threads: int = 1) -> dict[str, np.ndarray]:
     "Embeddings of every manifest row for each token type, cached under `cache_dir` (default: settings cache_dir/embeddings)."
     tokens = _check_tokens(tokens)
     df, mname = _as_manifest(manifest)
@@ -128,7 +205,7 @@ def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), bat
         folder.mkdir(parents=True, exist_ok=True)
         _compute(model, df, todo, {t: files[t] for t in todo}, folder, pcfg, batch_size, patch_pool, device, precision,
                  num_workers, show_progress, dict(backbone=bname, manifest=mname, preprocess=pcfg, n=len(df),
-                                                  precision=precision, fast=fast), fast)
+                                                  precision=precision, fast=fast), fast, threads)
     out = {t: np.load(files[t], mmap_mode="r" if t == "patch" else None) for t in tokens}
     out["valid"] = np.load(folder / "valid.npy")
     out["image_id"] = (df["image_id"].astype(str) if "image_id" in df.columns else pd.Series(range(len(df))).astype(str)).to_numpy()
@@ -137,7 +214,7 @@ def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), bat
 
 # %% ../../nbs/50_eval.embeddings.ipynb #d6511acb
 def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, device, precision, num_workers,
-             show_progress, meta, fast=False):
+             show_progress, meta, fast=False, threads=1):
     dev = select_device(device)
     model = model.to(dev).eval()
     # the fast path: a frozen copy with layer scale folded, weights cast once, compiled with inductor freezing
@@ -146,8 +223,7 @@ def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, dev
     tf = make_eval_transform(pcfg)
     n = len(df); ids = df["image_id"].astype(str).tolist() if "image_id" in df.columns else [str(i) for i in range(n)]
     paths = df["abs_path"].astype(str).tolist()
-    loader = torch.utils.data.DataLoader(_ImageSet(paths, tf), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=_collate, shuffle=False)
+    loader = _batches(_ImageSet(paths, tf), batch_size, num_workers, threads)
     arrays, tmp, valid, failures = {}, {}, np.zeros(n, bool), []
     bar = progress(total=n, desc=f"embed {Path(meta['backbone']).name}",
                    disable=None if show_progress is None else not show_progress)
@@ -157,7 +233,7 @@ def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, dev
             failures += [dict(row=i, image_id=ids[i], path=paths[i], error=err) for i, x, err in items if err is not None]
             if good:
                 idx = np.array([i for i, _ in good])
-                xb = torch.stack([x for _, x in good]).to(dev)
+                xb = torch.stack([x for _, x in good]).to(dev, non_blocking=True)
                 try:
                     with autocast(dev, precision): e = embed_batch(model, xb, tokens, patch_pool)
                 except Exception as ex:  # e.g. an image whose size the model cannot take: report the whole batch
@@ -167,7 +243,6 @@ def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, dev
                     if t not in arrays:
                         tmp[t] = files[t].with_suffix(".tmp.npy")
                         arrays[t] = np.lib.format.open_memmap(tmp[t], mode="w+", dtype=v.numpy().dtype, shape=(n,) + tuple(v.shape[1:]))
-                        arrays[t][:] = np.nan
                     arrays[t][idx] = v.numpy()
                 valid[idx] = True
             bar.update(len(items))
@@ -177,6 +252,7 @@ def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, dev
         raise RuntimeError(f"no image of {meta['manifest']} could be embedded; see {folder / 'report.csv'} "
                            f"(first error: {failures[0]['error'] if failures else 'empty manifest'})")
     for t, a in arrays.items():
+        if not valid.all(): a[~valid] = np.nan   # not a whole-file NaN fill up front: patch grids would be written twice
         a.flush(); del a
         os.replace(tmp[t], files[t])
     np.save(folder / "valid.npy", valid)
@@ -202,14 +278,108 @@ def cli_embed(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="inference precision (default fp32)")
     ap.add_argument("--fast", action="store_true", help="compiled inference copy (xr0_lib.models.inference.inference_model); for large manifests")
     ap.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    ap.add_argument("--threads", type=int, default=1, help="decoding threads ahead of the model when --num-workers is 0 (default 1)")
     ap.add_argument("--refresh", action="store_true", help="recompute even when the cache holds these embeddings")
     a = ap.parse_args(argv)
     try:
         bb = load_backbone(a.backbone, img_size=a.img_size) if a.img_size else a.backbone
         r = extract_embeddings(bb, a.manifest, a.tokens, batch_size=a.batch_size, cache_dir=a.out, patch_pool=a.patch_pool,
-                               device=a.device, precision=a.precision, num_workers=a.num_workers, refresh=a.refresh, fast=a.fast)
+                               device=a.device, precision=a.precision, num_workers=a.num_workers, refresh=a.refresh, fast=a.fast,
+                               threads=a.threads)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"xr0 embed: {e}", file=sys.stderr); return 2
     shapes = ", ".join(f"{t} {tuple(r[t].shape)}" for t in a.tokens)
     print(f"{r['cache_dir']}: {int(r['valid'].sum())}/{len(r['valid'])} images embedded; {shapes}")
     return 0
+
+# %% ../../nbs/50_eval.embeddings.ipynb #c2dfa05b
+_PLAIN_PIPELINE = r"""
+import json, sys, numpy as np, pandas as pd, torch
+from pathlib import Path
+from PIL import Image
+from torchvision.transforms import v2
+from transformers import AutoModel
+folder, manifest, out, batch, workers, size, dtype, norm = sys.argv[1:9]
+batch, workers, size, norm = int(batch), int(workers), int(size), json.loads(norm)
+paths = [str(Path(manifest).parent / p) for p in pd.read_csv(manifest)["path"]]
+tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                 v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(norm["mean"], norm["std"])])
+class Files(torch.utils.data.Dataset):
+    def __len__(self): return len(paths)
+    def __getitem__(self, i): return tf(Image.open(paths[i]).convert("RGB"))
+dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+model = AutoModel.from_pretrained(folder).eval()
+cls = []
+with torch.inference_mode(), torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
+    for x in torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=workers):
+        cls.append(model(pixel_values=x).pooler_output.float())
+np.save(out, torch.cat(cls).numpy())
+"""
+
+def _bench_files(d: Path, n: int, src: int, arch: str, img_size: int, seed: int = 0) -> tuple[str, str, dict]:
+    "`n` smooth src×src PNGs + their manifest, and an HF folder of a random `arch` with a layer scale that matters."
+    from PIL import Image  # Pillow is loaded by the manifest module anyway; only the file writer needs it here
+    rng = np.random.default_rng(seed); (d / "img").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = F.interpolate(torch.as_tensor(rng.normal(size=(1, 1, 16, 16)), dtype=torch.float32), size=src, mode="bicubic")[0, 0].numpy()
+        a = np.clip((a - a.min()) / (np.ptp(a) + 1e-6) * 230 + rng.integers(0, 25, a.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(a).save(d / "img" / f"{i}.png")
+    pd.DataFrame(dict(image_id=[f"im{i}" for i in range(n)], path=[f"img/{i}.png" for i in range(n)],
+                      patient_id=[f"p{i}" for i in range(n)], split="test")).to_csv(d / "manifest.csv", index=False)
+    g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
+    m = create_backbone(arch, img_size=img_size).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            for ls in (blk.ls1, blk.ls2): ls.gamma.copy_(torch.rand(ls.gamma.shape, generator=g) + 0.5)
+    export_hf(m, d / "hf")
+    return str(d / "hf"), str(d / "manifest.csv"), preprocess_config(m)
+
+# %% ../../nbs/50_eval.embeddings.ipynb #370e141b
+def _run_timed(cmd: list[str]) -> float:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode: raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({r.returncode}): {r.stderr[-2000:]}")
+    return time.perf_counter() - t0
+
+def _embedding_profile(folder: str, manifest: str, batch_size: int, n: int = 16) -> dict:
+    "Where one process spends its time: imports (fresh processes), decode+resize and forward per image, weight hashing."
+    imp = {k: _run_timed([sys.executable, "-c", c]) for k, c in (("import_xr0_s", "import xr0_lib.eval.embeddings"),
+           ("import_plain_s", "import torch, torchvision.transforms.v2, transformers, PIL, pandas"))}
+    bb = load_backbone(folder).eval(); df = load_manifest(manifest).iloc[:n]; tf = make_eval_transform(preprocess_config(bb))
+    t0 = time.perf_counter(); xs = [tf(read_image(p)) for p in df.abs_path]; t_dec = (time.perf_counter() - t0) / len(xs)
+    x = torch.stack(xs[:batch_size] * max(1, batch_size // len(xs)))[:batch_size]
+    with torch.inference_mode():
+        bb.forward_features(x[:2])
+        t0 = time.perf_counter(); bb.forward_features(x); t_fwd = (time.perf_counter() - t0) / len(x)
+        t0 = time.perf_counter(); _prefix_features(bb, x); t_pre = (time.perf_counter() - t0) / len(x)
+    t0 = time.perf_counter(); _weights_hash(bb); t_hash = time.perf_counter() - t0
+    return dict(imp, decode_resize_ms_per_img=round(1e3 * t_dec, 2), forward_ms_per_img=round(1e3 * t_fwd, 2),
+                forward_cls_only_ms_per_img=round(1e3 * t_pre, 2), weights_hash_s=round(t_hash, 3))
+
+# %% ../../nbs/50_eval.embeddings.ipynb #3fac37d6
+def benchmark_embedding_vs_transformers(n_images: int = 512, src_size: int = 512, arch: str = "xr0-vits14", img_size: int = 224,
+                                        batch_size: int = 32, precision: str = "fp32", num_workers: int = 0, threads: int = 1,
+                                        repeats: int = 3, fast: bool = False, profile: bool = False, tmp: str | None = None) -> dict:
+    "Images/s of `xr0 embed` vs a plain PIL + DataLoader + transformers script, end to end from PNG files (fresh processes, alternating)."
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        d = Path(d); folder, manifest, pc = _bench_files(d, n_images, src_size, arch, img_size)
+        ours = [sys.executable, "-m", "xr0_lib.cli", "embed", "--backbone", folder, "--manifest", manifest, "--batch-size",
+                str(batch_size), "--precision", precision, "--num-workers", str(num_workers), "--threads", str(threads)] + (["--fast"] if fast else [])
+        plain = [sys.executable, "-c", _PLAIN_PIPELINE, folder, manifest, str(d / "plain.npy"), str(batch_size), str(num_workers),
+                 str(pc["crop_size"] or pc["size"]), precision, json.dumps(dict(mean=pc["mean"], std=pc["std"]))]
+        times = {"xr0": [], "plain": []}
+        for r in range(repeats):   # alternate, and swap which goes first, so drifting load hits both alike
+            for k in (("xr0", "plain") if r % 2 == 0 else ("plain", "xr0")):
+                times[k].append(_run_timed(ours + ["--out", str(d / f"cache{r}")] if k == "xr0" else plain))
+        cls_ours = np.load(next((d / "cache0").glob("*/cls.npy"))); cls_plain = np.load(d / "plain.npy")
+        res = dict(n_images=n_images, src_size=src_size, arch=arch, img_size=img_size, batch_size=batch_size, precision=precision,
+                   num_workers=num_workers, threads=threads, fast=fast, repeats=repeats, torch_threads=torch.get_num_threads(),
+                   xr0_img_per_s=round(n_images / float(np.median(times["xr0"])), 3),
+                   transformers_img_per_s=round(n_images / float(np.median(times["plain"])), 3),
+                   speedup=round(float(np.median(np.array(times["plain"]) / np.array(times["xr0"]))), 3),
+                   speedup_range=(round(float(min(np.array(times["plain"]) / np.array(times["xr0"]))), 3),
+                                  round(float(max(np.array(times["plain"]) / np.array(times["xr0"]))), 3)),
+                   speedup_goal=1.5, max_abs_diff_cls=float(np.abs(cls_ours - cls_plain).max()), cls_goal=1e-4,
+                   xr0_seconds=[round(t, 2) for t in times["xr0"]], transformers_seconds=[round(t, 2) for t in times["plain"]])
+        if profile: res["profile"] = _embedding_profile(folder, manifest, batch_size)
+    return res

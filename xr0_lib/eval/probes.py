@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from scipy import stats
 from sklearn.preprocessing import StandardScaler
 
 from ..core import progress
@@ -23,7 +24,7 @@ from ..knn import cosine_topk
 # %% auto #0
 __all__ = ['DINOV2_LRS', 'encode_labels', 'Standardize', 'ProbeConfig', 'FittedProbe', 'fit_probe', 'MLPProbe', 'fit_mlp_probe',
            'PatchConvProbe', 'fit_patch_probe', 'knn_predict_proba', 'linear_probe_features', 'FittedLinear',
-           'fit_linear_protocol', 'benchmark_probe']
+           'fit_linear_protocol', 'epochs_to_target', 'probe_curves', 'convergence_speed', 'benchmark_probe']
 
 # %% ../../nbs/52_eval.probes.ipynb #ab200bdb
 def encode_labels(values, classes: Sequence | None = None) -> tuple[np.ndarray, list]:
@@ -310,6 +311,71 @@ def fit_linear_protocol(train_emb: dict, y_train, val_emb: dict, y_val, kind: Ta
                     if best is None or s > best[0]: best = (s, copy.deepcopy(h), n, a, lr)
     s, h, n, a, lr = best
     return FittedLinear(h, kind, n, a, lr, float(s), pd.DataFrame(rows))
+
+# %% ../../nbs/52_eval.probes.ipynb #a2eeb078
+_CHANCE = {"auroc": 0.5, "mcc": 0.0}
+
+def epochs_to_target(history: Sequence[dict], frac: float = 0.95, chance: float | None = None) -> float:
+    "Epochs until the validation score first reaches `chance + frac·(best − chance)`; NaN when it never rises above chance."
+    if not 0 < frac <= 1: raise ValueError(f"frac must be in (0, 1], got {frac}")
+    if not len(history): raise ValueError("empty training history")
+    s = np.array([h["val_score"] for h in history], dtype=float)
+    monitor = history[-1].get("monitor", "auroc")
+    if monitor != history[0].get("monitor", monitor):   # fit_probe switched to the loss mid-run: only that stretch compares
+        s = np.where([h.get("monitor") == monitor for h in history], s, np.nan)
+    base = _CHANCE.get(monitor, np.nanmin(s[:1]) if np.isfinite(s[0]) else np.nan) if chance is None else chance
+    best = np.nanmax(s) if np.isfinite(s).any() else np.nan
+    if not np.isfinite(best) or not np.isfinite(base) or best <= base: return float("nan")
+    return float(np.flatnonzero(s >= base + frac * (best - base) - 1e-12)[0] + 1)
+
+# %% ../../nbs/52_eval.probes.ipynb #4c5a6d6e
+def probe_curves(embeddings: dict, y, train_idx, val_idx, seeds: Sequence[int] = (0, 1, 2), kind: TaskKind | None = None,
+                 train_subsets: dict | None = None, **probe_kw) -> pd.DataFrame:
+    "Per-epoch validation curves of the MLP probe, one run per backbone × seed: columns backbone, seed, epoch, val_score, monitor, best_epoch."
+    y = np.asarray(y); rows = []
+    kind = kind or infer_task_kind(y[np.concatenate([np.asarray(train_idx), np.asarray(val_idx)])])
+    for s in seeds:
+        tr = np.asarray((train_subsets or {}).get(s, train_idx)); va = np.asarray(val_idx)
+        for name, X in embeddings.items():
+            X = np.asarray(X)
+            f = fit_mlp_probe(X[tr], y[tr], X[va], y[va], kind, seed=s, **probe_kw)
+            rows += [dict(backbone=name, seed=s, epoch=h["epoch"] + 1, val_score=h["val_score"], monitor=h["monitor"],
+                          best_epoch=f.best_epoch + 1) for h in f.history]
+    return pd.DataFrame(rows)
+
+# %% ../../nbs/52_eval.probes.ipynb #4cd74c4d
+def _seed_ci(vals: np.ndarray, stat, n_boot: int, seed: int) -> tuple[float, float]:
+    "95% percentile bootstrap CI of `stat` over the rows (seeds) of `vals`; NaN with fewer than 2 finite rows or no spread."
+    vals = vals[np.isfinite(vals).all(axis=1)]
+    if len(vals) < 2 or np.ptp(vals, axis=0).max() == 0: return (float("nan"),) * 2 if len(vals) < 2 else (float(stat(*vals.T)),) * 2
+    r = stats.bootstrap(tuple(vals.T), stat, paired=True, vectorized=False, n_resamples=n_boot, method="percentile",
+                        random_state=seed, confidence_level=0.95)
+    return float(r.confidence_interval.low), float(r.confidence_interval.high)
+
+def convergence_speed(curves: pd.DataFrame, frac: float = 0.95, reference: str | None = None, chance: float | None = None,
+                      n_boot: int = 1000, seed: int = 0, by: Sequence[str] = ("task", "fraction")) -> pd.DataFrame:
+    "Tidy records from `probe_curves` frames: epochs to `frac` of the best validation gain per backbone (mean over seeds, bootstrap CI) and the speed-up over `reference`."
+    by = [k for k in by if k in curves.columns]; m = f"epochs_to_{round(frac * 100)}"
+    per = (curves.groupby(by + ["backbone", "seed"], sort=False)
+           .apply(lambda g: epochs_to_target(g.sort_values("epoch").to_dict("records"), frac, chance), include_groups=False)
+           .rename("epochs").reset_index())
+    rows = []
+    for key, g in per.groupby(by, sort=False) if by else [((), per)]:
+        key = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        wide = g.pivot(index="seed", columns="backbone", values="epochs")
+        ref = reference if reference is not None else wide.columns[0]
+        if ref not in wide.columns: raise ValueError(f"reference backbone {ref!r} is not among {list(wide.columns)}")
+        for b in wide.columns:
+            v = wide[b].to_numpy(float); lo, hi = _seed_ci(v[:, None], np.mean, n_boot, seed)
+            rows.append(dict(**key, backbone=b, metric=m, value=float(np.nanmean(v)) if np.isfinite(v).any() else np.nan,
+                             ci_low=lo, ci_high=hi, n_seeds=int(np.isfinite(v).sum()), reference=ref))
+            if b == ref: continue
+            pair = np.stack([wide[ref].to_numpy(float), v], 1); ok = np.isfinite(pair).all(1)
+            ratio = lambda a, c: np.mean(a) / np.mean(c)
+            lo, hi = _seed_ci(pair, ratio, n_boot, seed)
+            rows.append(dict(**key, backbone=b, metric="convergence_speedup", value=float(ratio(*pair[ok].T)) if ok.any() else np.nan,
+                             ci_low=lo, ci_high=hi, n_seeds=int(ok.sum()), reference=ref))
+    return pd.DataFrame(rows)
 
 # %% ../../nbs/52_eval.probes.ipynb #c85ae4be
 def benchmark_probe(n: int = 100_000, dim: int = 768, n_classes: int = 10, seed: int = 0, label_noise: float = 0.2,

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/51_eval.retrieval.ipynb #61f85149
 from __future__ import annotations
-import time
+import json, subprocess, sys, time
 from typing import Sequence
 
 import numpy as np
@@ -17,7 +17,7 @@ from .metrics import bootstrap_indices, paired_delta
 
 # %% auto #0
 __all__ = ['CHEXPERT_8X200_FINDINGS', 'DXR_TASKS', 'rotation_quadrant', 'chexpert_8x200', 'retrieval_tasks', 'retrieval_ci',
-           'retrieval_comparison', 'benchmark_retrieval']
+           'retrieval_comparison', 'benchmark_retrieval', 'benchmark_retrieval_vs_faiss']
 
 # %% ../../nbs/51_eval.retrieval.ipynb #bfc5ad6e
 def rotation_quadrant(angle) -> np.ndarray:
@@ -123,3 +123,53 @@ def benchmark_retrieval(n_query: int = 1000, n_cand: int = 1_000_000, dim: int =
     secs = time.perf_counter() - t0
     return {"retrieval_seconds": secs, "retrieval_n_query": n_query, "retrieval_n_cand": n_cand, "retrieval_dim": dim,
             "retrieval_dtype": str(dtype).replace("torch.", ""), **{f"retrieval_p@{kk}": v for kk, v in pk.items()}}
+
+# %% ../../nbs/51_eval.retrieval.ipynb #b1bf3150
+_RETRIEVAL_RUN = r"""
+import json, resource, sys, time, numpy as np, torch, torch.nn.functional as F
+method, nq, nc, dim, k, seed, out = sys.argv[1], *map(int, sys.argv[2:7]), sys.argv[7]
+g = torch.Generator().manual_seed(seed)
+cand = torch.empty(nc, dim)
+for c0 in range(0, nc, 100_000): cand[c0:c0 + 100_000] = F.normalize(torch.randn(min(100_000, nc - c0), dim, generator=g), dim=1)
+q = F.normalize(torch.randn(nq, dim, generator=g) + 0.5 * cand[:nq], dim=1)
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+if method == "faiss":
+    import faiss
+    index = faiss.IndexFlatIP(dim); index.add(cand.numpy()); _, idx = index.search(q.numpy(), k)
+else:
+    from xr0_lib.knn import cosine_topk
+    dt = torch.bfloat16 if method == "xr0_bf16" else torch.float32
+    _, idx = cosine_topk(q, None, k, exclude_self=False, cand_normalised=cand, dtype=dt) if dt == torch.float32 else \
+             cosine_topk(q, cand, k, exclude_self=False, dtype=dt)
+    idx = idx.numpy()
+secs = time.perf_counter() - t0
+np.save(out, np.asarray(idx))
+print(json.dumps(dict(seconds=secs, peak_extra_gb=(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 2**20)))
+"""
+
+def benchmark_retrieval_vs_faiss(n_query: int = 1000, n_cand: int = 1_000_000, dim: int = 384, k: int = 100, repeats: int = 2,
+                                 seed: int = 0, tmp: str | None = None) -> dict:
+    "Seconds, peak memory and top-10 agreement of xr0 fp32 / bf16-reranked top-k vs faiss IndexFlatIP (fresh processes, alternating)."
+    import importlib.util, tempfile  # tempfile: only this benchmark writes files
+    methods = ["xr0_fp32", "xr0_bf16"] + (["faiss"] if importlib.util.find_spec("faiss") else [])
+    res, idx = {m: [] for m in methods}, {}
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        for r in range(repeats):
+            for m in (methods if r % 2 == 0 else methods[::-1]):
+                p = subprocess.run([sys.executable, "-c", _RETRIEVAL_RUN, m, str(n_query), str(n_cand), str(dim), str(k), str(seed),
+                                    f"{d}/{m}.npy"], capture_output=True, text=True)
+                if p.returncode: raise RuntimeError(f"retrieval benchmark {m} failed: {p.stderr[-2000:]}")
+                res[m].append(json.loads(p.stdout.strip().splitlines()[-1]))
+        idx = {m: np.load(f"{d}/{m}.npy") for m in methods}
+    ov = lambda a, b: float(np.mean([len(set(x[:10]) & set(y[:10])) / 10 for x, y in zip(a, b)]))
+    out = dict(n_query=n_query, n_cand=n_cand, dim=dim, k=k, repeats=repeats, faiss_installed="faiss" in methods)
+    for m in methods:
+        out[f"{m}_seconds"] = round(min(x["seconds"] for x in res[m]), 3)
+        out[f"{m}_peak_extra_gb"] = round(max(x["peak_extra_gb"] for x in res[m]), 3)
+        out[f"{m}_top10_overlap"] = ov(idx[m], idx["xr0_fp32"])
+    if "faiss" in methods:
+        out.update(fp32_vs_faiss=round(out["xr0_fp32_seconds"] / out["faiss_seconds"], 3), fp32_vs_faiss_goal=1.0,
+                   bf16_vs_faiss=round(out["xr0_bf16_seconds"] / out["faiss_seconds"], 3))
+    out.update(bf16_top10_goal=0.99)
+    return out

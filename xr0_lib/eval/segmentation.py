@@ -26,6 +26,7 @@ from ..data.phantom import MASK_LABELS, LABEL_ID, RIB_IDS, make_phantom_dataset
 from ..augment import make_eval_transform
 from ..models.backbones import load_backbone, preprocess_config
 from .metrics import bootstrap_indices, paired_delta
+from .embeddings import frozen_patch_grids
 
 # %% auto #0
 __all__ = ['PHANTOM_SEG_TASKS', 'PRIOR_BIAS', 'SEG_HEADS', 'SegTask', 'seg_task', 'SegData', 'load_seg_data', 'default_layers',
@@ -110,22 +111,10 @@ def default_layers(depth: int, n: int = 4) -> list[int]:
     "`n` block indices (0-based) spread evenly over `depth` blocks, the last block last."
     return [max(0, round(depth * (k + 1) / n) - 1) for k in range(n)]
 
-@torch.no_grad()
 def frozen_features(backbone: nn.Module, images: torch.Tensor, layers: Sequence[int], batch_size: int = 16) -> list[torch.Tensor]:
     "Patch grids (N, D, h, w) of blocks `layers` for [0, 1] images (N, 1, S, S), normalised as `preprocess_config` says."
-    cfg = preprocess_config(backbone)
-    mean, std = (torch.tensor(cfg[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
-    depth = len(backbone.blocks); idx = [l % depth for l in layers]; uniq = sorted(set(idx))
-    dev = next(backbone.parameters()).device
-    out = [[] for _ in uniq]
-    was = backbone.training; backbone.eval()
-    for s in range(0, len(images), batch_size):
-        x = ((images[s:s + batch_size].expand(-1, 3, -1, -1) - mean) / std).to(dev)
-        for k, o in enumerate(backbone.get_intermediate_layers(x, uniq, split=True)):
-            out[k].append(o["patch"].permute(0, 3, 1, 2).float().cpu())
-    backbone.train(was)
-    cat = [torch.cat(o) if o else torch.zeros(0) for o in out]
-    return [cat[uniq.index(i)] for i in idx]
+    # one home for "frozen backbone -> tapped patch grids": eval.embeddings.frozen_patch_grids; heads here want channels first
+    return [g.permute(0, 3, 1, 2) for g in frozen_patch_grids(backbone, images, layers, batch_size, normalise=True)]
 
 # %% ../../nbs/57_eval.segmentation.ipynb #20c0b16f
 PRIOR_BIAS = -2.0   # classifier bias at init: sigmoid 0.12, so a fresh head does not paint half the image with every class

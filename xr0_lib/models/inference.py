@@ -9,7 +9,7 @@ import copy, tempfile, time
 import torch
 from torch import nn
 
-from ..core import autocast, native_bf16, precision_dtype, resolve_precision
+from ..core import autocast, native_bf16, precision_dtype, resolve_precision, select_device
 from .vit import create_backbone
 from .backbones import export_hf
 
@@ -100,22 +100,21 @@ def inference_model(backbone: nn.Module, dtype: str = "bf16", compile: bool = Tr
 # %% ../../nbs/24_models.inference.ipynb #0636ee62
 def benchmark_backbone_throughput(arch: str = "xr0-vits14", batch: int = 8, img_size: int = 224, dtype: str = "bf16",
                                   iters: int = 3, rounds: int = 2, compile: bool = False, fast: bool = True,
-                                  compile_baseline: bool = False, seed: int = 0) -> dict:
-    "Images/s of `load_backbone` (through `inference_model`) vs transformers' Dinov2 model on the same weights, batch and dtype (CPU; `auto` dtype: bf16 where native)."
+                                  compile_baseline: bool = False, seed: int = 0, device: str = "cpu") -> dict:
+    "Images/s of `load_backbone` (through `inference_model`) vs transformers' Dinov2 model on the same weights, batch and dtype (`auto` dtype: bf16 where native)."
     import transformers  # about 2 s to import; only the baseline needs it
-    dtype = resolve_precision(dtype, "cpu")
+    dev = select_device(device); dtype = resolve_precision(dtype, dev)
     dt = precision_dtype(dtype)
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    ours = create_backbone(arch, img_size=img_size).eval()
+    g = torch.Generator().manual_seed(seed); torch.manual_seed(seed)
+    ours = create_backbone(arch, img_size=img_size).eval().to(dev)
     with torch.no_grad():
         for blk in ours.blocks:
             for ls in (blk.ls1, blk.ls2): ls.gamma.copy_(torch.rand(ls.gamma.shape, generator=g) + 0.5)
-    x = torch.randn(batch, 3, img_size, img_size, generator=g)
+    x = torch.randn(batch, 3, img_size, img_size, generator=g).to(dev)
     with tempfile.TemporaryDirectory() as d:
         export_hf(ours, d)
-        hf = {"autocast": transformers.AutoModel.from_pretrained(d).eval()}
-        if dt != torch.float32: hf["weights"] = transformers.AutoModel.from_pretrained(d, dtype=dt).eval()
+        hf = {"autocast": transformers.AutoModel.from_pretrained(d).eval().to(dev)}
+        if dt != torch.float32: hf["weights"] = transformers.AutoModel.from_pretrained(d, dtype=dt).eval().to(dev)
     fns = {}
     if fast:
         fm = inference_model(ours, dtype, compile=compile)
@@ -128,7 +127,7 @@ def benchmark_backbone_throughput(arch: str = "xr0-vits14", batch: int = 8, img_
     import torch._inductor.config as inductor_config  # 0.8 s; only compiled runs need it
     def hf_fn(m, cast, xdt, opts=None):
         def run():
-            with autocast("cpu", dtype if cast else "fp32"), inductor_config.patch(opts or {}):
+            with autocast(dev, dtype if cast else "fp32"), inductor_config.patch(opts or {}):
                 return m(pixel_values=x.to(xdt)).pooler_output
         return run
     for k, m in hf.items(): fns[f"transformers_{k}"] = hf_fn(m, k == "autocast", m.dtype)
@@ -144,10 +143,11 @@ def benchmark_backbone_throughput(arch: str = "xr0-vits14", batch: int = 8, img_
             for k, fn in fns.items():
                 t0 = time.perf_counter()
                 for _ in range(iters): fn()
+                if dev.type == "cuda": torch.cuda.synchronize(dev)
                 best[k] = min(best[k], time.perf_counter() - t0)
     ips = {k: batch * iters / v for k, v in best.items()}
     base = max((k for k in ips if k in ("transformers_autocast", "transformers_weights")), key=ips.get)
-    r = dict(arch=arch, batch=batch, img_size=img_size, dtype=dtype, compile=compile, fast=fast,
+    r = dict(arch=arch, device=str(dev), batch=batch, img_size=img_size, dtype=dtype, compile=compile, fast=fast,
              threads=torch.get_num_threads(), xr0_img_per_s=round(ips["xr0"], 3),
              transformers_img_per_s=round(ips[base], 3), transformers_config=base.split("_", 1)[1],
              **{f"{k}_img_per_s": round(v, 3) for k, v in ips.items() if k.startswith("transformers_")},

@@ -23,8 +23,8 @@ from ..knn import cosine_topk
 from .patches import as_numpy, patch_brightness, pca_patch_map
 
 # %% auto #0
-__all__ = ['LOSS_TERMS', 'LOSS_PANELS', 'upsample', 'to_rgb', 'overlay_heatmap', 'overlay_rgb', 'new_figure', 'image_grid',
-           'figure_png', 'correspondence_figure', 'retrieval_gallery', 'training_figure', 'pca_figure',
+__all__ = ['LOSS_TERMS', 'LOSS_PANELS', 'HEALTH_PANELS', 'upsample', 'to_rgb', 'overlay_heatmap', 'overlay_rgb', 'new_figure',
+           'image_grid', 'figure_png', 'correspondence_figure', 'retrieval_gallery', 'training_figure', 'pca_figure',
            'gallery_figure']
 
 # %% ../../nbs/61_viz.figures.ipynb #43800ec3
@@ -132,29 +132,50 @@ LOSS_TERMS = ("total", "dino_global", "dino_local", "ibot", "koleo")
 # one panel per loss family: the terms differ in scale (KoLeo falls from ~20 while DINO and iBOT move by tenths)
 LOSS_PANELS = {"total loss": ("total",), "DINO (CLS)": ("dino_global", "dino_local"), "iBOT (masked patches)": ("ibot",),
                "KoLeo (spread)": ("koleo",)}
+# the health row (train.monitor.HealthMonitor; rows every train.health_every steps): title -> (columns, ceiling column)
+HEALTH_PANELS = {"teacher/student entropy\n(dashed: ln K)": (("teacher_entropy_dino", "student_entropy_dino", "teacher_entropy_ibot"), "log_k_dino"),
+                 "KL(teacher||student)": (("kl_dino", "kl_ibot"), None), "RankMe of teacher CLS\n(centred, probe batch)": (("rankme",), None),
+                 "cos(output patch, patch embed)": (("patch_cos",), None), "update ratio per block": (("update_ratio_b",), None)}
+
+def _health_row(axes, m: pd.DataFrame, panels: dict) -> None:
+    "Draw the health panels on `axes`; a collapse-warning step gets a red tick on each."
+    warn = m.loc[m.get("collapse", pd.Series(0, index=m.index)).fillna(0) > 0, "step"]
+    for ax, (t, (cols, ceil)) in zip(axes, panels.items()):
+        for c in cols:
+            for k in [k for k in m.columns if k == c or (c.endswith("_b") and k.startswith(c) and k[len(c):].isdigit())]:
+                ax.plot(m["step"], m[k], marker=".", lw=1, label=k.replace("update_ratio_", ""))
+        if ceil and ceil in m: ax.axhline(m[ceil].dropna().iloc[0], ls="--", color="grey", lw=1)
+        if cols[0].startswith("update_ratio") and (m.filter(like="update_ratio_b") > 0).any().any(): ax.set_yscale("log")
+        for s in warn: ax.axvline(s, color="red", alpha=0.3, lw=1)
+        ax.set_xlabel("step"); ax.set_title(t, fontsize=8); ax.legend(fontsize=6)
 
 def training_figure(metrics_csv: str | Path, monitor_csv: str | Path | None = None,
                     monitor_title: str = "retrieval monitor P@k\n(anatomy, test split)") -> Figure:
-    "One panel per loss family against step, then the monitored retrieval P@k with its chance level."
+    "Loss families and the retrieval P@k (with chance) against step; below them the health diagnostics when logged."
     m = pd.read_csv(metrics_csv)
     mon = pd.read_csv(monitor_csv) if monitor_csv is not None and Path(monitor_csv).is_file() else None
     panels = {t: [c for c in cols if c in m.columns and m[c].notna().any()] for t, cols in LOSS_PANELS.items()}
     panels = {t: c for t, c in panels.items() if c}
-    n = len(panels) + (mon is not None)
-    fig = Figure(figsize=(2.6 * n, 2.8), layout="constrained")
-    axes = fig.subplots(1, n, squeeze=False)[0]
+    h = m[m["rankme"].notna()] if "rankme" in m else m.iloc[:0]
+    hp = {t: v for t, v in HEALTH_PANELS.items() if any(k.startswith(v[0][0]) for k in h.columns)} if len(h) else {}
+    n = max(len(panels) + (mon is not None), len(hp))
+    fig = Figure(figsize=(2.6 * n, 2.8 * (1 + bool(hp))), layout="constrained")
+    grid = fig.subplots(1 + bool(hp), n, squeeze=False)
+    axes = grid[0]
+    for ax in list(axes[len(panels) + (mon is not None):]) + (list(grid[1][len(hp):]) if hp else []): ax.set_visible(False)
     for ax, (t, cols) in zip(axes, panels.items()):
         for c in cols: ax.plot(m["step"], m[c], label=c, lw=1)
         ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.set_title(t, fontsize=9)
         if len(cols) > 1: ax.legend(fontsize=7)
     if mon is not None:
-        ax = axes[-1]
+        ax = axes[len(panels)]
         for c in [c for c in mon.columns if c.startswith("p_at_") and not c.endswith("_chance")]:
             ax.plot(mon["step"], mon[c], marker="o", label=c.replace("p_at_", "P@"))
             if f"{c}_chance" in mon: ax.plot(mon["step"], mon[f"{c}_chance"], ls="--", color="grey", label="chance")
         ax.set_xlabel("step"); ax.set_ylabel("precision"); ax.set_ylim(0, 1.02); ax.legend(fontsize=7)
         ax.set_title(monitor_title, fontsize=8)
-    fig.suptitle("pre-training: loss terms and retrieval monitor", fontsize=10)
+    if hp: _health_row(grid[1], h, hp)
+    fig.suptitle("pre-training: loss terms, retrieval monitor" + (" and health (red: collapse warning)" if hp else ""), fontsize=10)
     return fig
 
 # %% ../../nbs/61_viz.figures.ipynb #95c7c594
