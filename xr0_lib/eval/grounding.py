@@ -18,6 +18,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
 from ..data.manifest import read_image
 from ..models.backbones import preprocess_config
+from .embeddings import frozen_patch_grids
 from .metrics import bootstrap_indices
 
 # %% auto #0
@@ -165,9 +166,7 @@ def grounding_inputs(backbone: nn.Module, pairs: pd.DataFrame, paths, cache_patc
     images = torch.stack(ims) if ims else torch.zeros(0, 3, size, size)
     patches = None
     if cache_patches:
-        was = backbone.training; backbone.eval()
-        patches = torch.cat([backbone.forward_features(images[i:i + batch_size])["patch"] for i in range(0, len(images), batch_size)]) if ims else None
-        backbone.train(was)
+        patches = frozen_patch_grids(backbone, images, (-1,), batch_size)[0] if ims else None
     wh = np.array([[hw[r][1], hw[r][0]] * 2 for r in keep.row], float).reshape(-1, 4)
     boxes = np.clip(np.array(keep.box.tolist(), float).reshape(-1, 4) / np.maximum(wh, 1), 0, 1)
     return dict(images=None if cache_patches else images, patches=patches, index=np.array([ok[r] for r in keep.row], int),
