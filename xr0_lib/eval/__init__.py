@@ -15,7 +15,7 @@ _MODULES = {
         "frozen_patch_grids"],
     "metrics": ["METRICS", "MetricResult", "TaskKind", "accuracy", "aggregate_by_study", "auprc", "auroc",
         "bootstrap_indices", "bootstrap_metric", "evaluate_predictions", "infer_task_kind", "mann_whitney", "mcc",
-        "paired_delta", "paired_difference"],
+        "paired_delta", "paired_difference", "percentile_ci"],
     "retrieval": ["CHEXPERT_8X200_FINDINGS", "DXR_TASKS", "benchmark_retrieval", "benchmark_retrieval_vs_faiss",
         "chexpert_8x200", "retrieval_ci", "retrieval_comparison", "retrieval_tasks", "rotation_quadrant"],
     "probes": ["DINOV2_LRS", "FittedLinear", "FittedProbe", "MLPProbe", "PatchConvProbe", "ProbeConfig", "Standardize",

@@ -29,7 +29,7 @@ from ..data.manifest import read_image
 from ..knn import cosine_topk
 from ..models.backbones import ModelConfig, build_backbone, export_hf, load_backbone, preprocess_config
 from ..train.schedules import apply_schedules, make_optimizer, warmup_cosine
-from .metrics import bootstrap_indices, bootstrap_metric
+from .metrics import bootstrap_indices, bootstrap_metric, percentile_ci
 from .text import TextConfig, load_text_encoder, save_text_encoder, text_encoder
 
 # %% auto #0
@@ -205,7 +205,7 @@ def alignment_recall(image_emb, text_emb, relevance, ks=(1, 5, 10), n_boot: int 
                      image_groups=None, confidence: float = 0.95) -> pd.DataFrame:
     "Image→text and text→image recall@k with bootstrap CIs and chance levels → tidy rows (direction, metric, value, ci_low, ci_high, chance)."
     rel = sp.csr_matrix(relevance, dtype=bool)
-    a, recs = (1 - confidence) / 2, []
+    recs = []
     for direction, q, c, r, groups in (("image->text", image_emb, text_emb, rel, image_groups), ("text->image", text_emb, image_emb, rel.T.tocsr(), None)):
         kmax = min(max(ks), len(c))
         _, idx = cosine_topk(torch.as_tensor(q), torch.as_tensor(c), kmax, exclude_self=False)
@@ -216,7 +216,7 @@ def alignment_recall(image_emb, text_emb, relevance, ks=(1, 5, 10), n_boot: int 
         for k in ks:
             kk = min(k, len(c)); h = hit[:, :kk].any(1).astype(float)
             reps = np.array([h[i].mean() for i in boot])
-            lo, hi = np.quantile(reps, [a, 1 - a])
+            lo, hi = percentile_ci(reps, confidence)
             recs.append(dict(direction=direction, metric=f"recall@{k}", value=float(h.mean()), ci_low=float(lo), ci_high=float(hi),
                              chance=_chance(n_rel, len(c), kk), n_queries=len(q), n_gallery=len(c)))
     return pd.DataFrame(recs)

@@ -18,7 +18,7 @@ from torchvision.ops import box_iou
 from ..core import seed_everything
 from ..data.manifest import fraction_subset, read_image
 from ..models.backbones import preprocess_config
-from .metrics import bootstrap_indices, paired_delta
+from .metrics import bootstrap_indices, paired_delta, percentile_ci
 from .embeddings import frozen_patch_grids
 from .detection import (DetrConfig, DetrDecoder, detection_targets, detr_loss, from_input_frame, letterbox,
                                     letterbox_image, to_input_frame)
@@ -158,10 +158,10 @@ def bootstrap_detection(preds: list[dict], targets: list[dict], classes: list[st
         warnings.simplefilter("ignore")
         reps = dict(zip(("map", "map50"), coco_replicates(preds, targets, idx, len(classes)).T))
         reps["miou"] = np.array([per_img_sum[np.asarray(i)].sum() / per_img_n[np.asarray(i)].sum() for i in idx])
-    a = (1 - confidence) / 2; rows = []
+    rows = []
     for metric in ("map50", "map", "miou"):
         v = miou if metric == "miou" else pt[metric]; r = reps[metric]; ok = r[np.isfinite(r)]
-        lo, hi = np.quantile(ok, [a, 1 - a]) if len(ok) else (np.nan, np.nan)
+        lo, hi = percentile_ci(ok, confidence)
         rows.append(dict(model=model, metric=metric, value=v, ci_low=float(lo), ci_high=float(hi), replicates=r, n_images=len(targets),
                          n_boxes=int(sum(len(t["labels"]) for t in targets))))
     rows += [dict(model=model, metric=k, value=v, ci_low=np.nan, ci_high=np.nan, replicates=None, n_images=len(targets),

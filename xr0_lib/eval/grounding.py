@@ -19,7 +19,7 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 from ..data.manifest import read_image
 from ..models.backbones import preprocess_config
 from .embeddings import frozen_patch_grids
-from .metrics import bootstrap_indices
+from .metrics import bootstrap_indices, percentile_ci
 
 # %% auto #0
 __all__ = ['GROUNDING_FINDINGS', 'TRAINABLE', 'grounding_pairs', 'pair_iou', 'grounding_metrics', 'finding_mean_boxes',
@@ -88,11 +88,11 @@ def grounding_metrics(pred, target, groups=None, n_boot: int = 500, seed: int = 
     "Tidy rows (metric `acc@0.5`, `miou`; value, ci_low, ci_high, n) for xyxy `pred` against `target`."
     iou = pair_iou(pred, target)
     if not len(iou): raise ValueError("grounding_metrics: no samples")
-    a, recs = (1 - confidence) / 2, []
+    recs = []
     boot = bootstrap_indices(len(iou), n_boot, seed, groups)
     for name, v in (("acc@0.5", (iou > 0.5).astype(float)), ("miou", iou)):
         reps = np.array([v[np.asarray(i, int)].mean() for i in boot])
-        lo, hi = np.quantile(reps, [a, 1 - a])
+        lo, hi = percentile_ci(reps, confidence)
         recs.append(dict(metric=name, value=float(v.mean()), ci_low=float(lo), ci_high=float(hi), n=len(iou)))
     return pd.DataFrame(recs)
 

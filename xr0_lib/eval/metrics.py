@@ -15,8 +15,8 @@ from sklearn.metrics import accuracy_score
 
 # %% auto #0
 __all__ = ['TaskKind', 'METRICS', 'infer_task_kind', 'MetricResult', 'auroc', 'auprc', 'mcc', 'accuracy', 'evaluate_predictions',
-           'bootstrap_indices', 'bootstrap_metric', 'mann_whitney', 'paired_difference', 'paired_delta',
-           'aggregate_by_study']
+           'bootstrap_indices', 'percentile_ci', 'bootstrap_metric', 'mann_whitney', 'paired_difference',
+           'paired_delta', 'aggregate_by_study']
 
 # %% ../../nbs/53_eval.metrics.ipynb #6c2d87c7
 TaskKind = Literal["binary", "multiclass", "multilabel"]
@@ -184,6 +184,15 @@ def bootstrap_indices(n: int, n_resamples: int = 500, seed: int = 0, groups=None
     for b in range(n_resamples): out[b] = np.concatenate([members[g] for g in picks[b]])
     return out
 
+# %% ../../nbs/53_eval.metrics.ipynb #98f4d785
+def percentile_ci(replicates, confidence: float = 0.95) -> tuple[float, float]:
+    "(low, high) percentile interval of the finite bootstrap `replicates`; (nan, nan) when none is finite."
+    r = np.asarray(replicates, float); r = r[np.isfinite(r)]
+    if not len(r): return np.nan, np.nan
+    a = (1 - confidence) / 2
+    lo, hi = np.quantile(r, [a, 1 - a])
+    return float(lo), float(hi)
+
 # %% ../../nbs/53_eval.metrics.ipynb #8b42c4bd
 def _per_seed(name, s, n: int) -> list[np.ndarray]:
     "One model's scores as a list of per-seed arrays (a list of arrays is several seeds; a plain list of floats is one)."
@@ -209,7 +218,6 @@ def bootstrap_metric(y_true, scores: dict | np.ndarray, metric: str | Callable =
     seeds = {name: _per_seed(name, s, len(y)) for name, s in scores.items()}
     kind = kind or infer_task_kind(y, next(iter(seeds.values()))[0])
     idx = bootstrap_indices(len(y), n_resamples, seed, groups) if indices is None else indices
-    a = (1 - confidence) / 2
     rows = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -218,7 +226,7 @@ def bootstrap_metric(y_true, scores: dict | np.ndarray, metric: str | Callable =
             # undefined-ness depends on the labels of a resample only, so a NaN replicate is NaN for every seed
             reps = np.mean([[float(fn(y[i], v[i], kind=kind)) for i in idx] for v in per_seed], 0)
             ok = reps[~np.isnan(reps)]
-            lo, hi = (np.quantile(ok, [a, 1 - a]) if len(ok) else (np.nan, np.nan))
+            lo, hi = percentile_ci(ok, confidence)
             rows.append(dict(model=name, metric=mname, value=float(np.mean([float(v) for v in points])), ci_low=float(lo), ci_high=float(hi),
                              median=float(np.median(ok)) if len(ok) else np.nan, n_resamples=len(idx),
                              n_dropped=int(len(reps) - len(ok)), replicates=reps, seed_values=[float(v) for v in points],
@@ -238,8 +246,7 @@ def paired_difference(reps_a, reps_b, confidence: float = 0.95) -> dict:
     """Mean and percentile CI of replicate-wise differences a − b (replicates must come from shared indices), and
     the two-sided bootstrap p-value: twice the smaller share of differences on either side of 0 (at most 1)."""
     d = np.asarray(reps_a, float) - np.asarray(reps_b, float); d = d[~np.isnan(d)]
-    a = (1 - confidence) / 2
-    lo, hi = np.quantile(d, [a, 1 - a]) if len(d) else (np.nan, np.nan)
+    lo, hi = percentile_ci(d, confidence)
     p = min(1.0, 2 * min((d <= 0).mean(), (d >= 0).mean())) if len(d) else np.nan
     return dict(mean=float(d.mean()) if len(d) else np.nan, ci_low=float(lo), ci_high=float(hi), pvalue=float(p), n=len(d))
 

@@ -15,7 +15,7 @@ from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
 
-from .metrics import bootstrap_indices, paired_delta
+from .metrics import bootstrap_indices, paired_delta, percentile_ci
 
 # %% auto #0
 __all__ = ['TOKENISATION', 'PHANTOM_FINDINGS', 'tokenize_report', 'ReportStats', 'report_stats', 'corpus_scores', 'label_report',
@@ -133,12 +133,12 @@ def bootstrap_reports(stats: dict[str, ReportStats] | ReportStats, n_resamples: 
     ns = {len(s) for s in stats.values()}
     if len(ns) != 1: raise ValueError(f"systems score different numbers of reports: { {k: len(s) for k, s in stats.items()} }")
     n = ns.pop(); idx = bootstrap_indices(n, n_resamples, seed, groups)
-    a = (1 - confidence) / 2; rows = []
+    rows = []
     for name, s in stats.items():
         point = corpus_scores(s); reps = [corpus_scores(s, i) for i in idx]
         for m in (metrics or point):
             r = np.array([x.get(m, np.nan) for x in reps], float); ok = r[~np.isnan(r)]
-            lo, hi = np.quantile(ok, [a, 1 - a]) if len(ok) else (np.nan, np.nan)
+            lo, hi = percentile_ci(ok, confidence)
             rows.append(dict(model=name, metric=m, value=point.get(m, np.nan), ci_low=float(lo), ci_high=float(hi),
                              median=float(np.median(ok)) if len(ok) else np.nan, n=n, n_resamples=len(idx), replicates=r))
     df = pd.DataFrame(rows)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..knn import cosine_topk, precision_at_k
-from .metrics import bootstrap_indices, paired_delta
+from .metrics import bootstrap_indices, paired_delta, percentile_ci
 
 # %% auto #0
 __all__ = ['CHEXPERT_8X200_FINDINGS', 'DXR_TASKS', 'rotation_quadrant', 'chexpert_8x200', 'retrieval_tasks', 'retrieval_ci',
@@ -83,8 +83,7 @@ def retrieval_ci(emb, labels, query: np.ndarray | None = None, k: int = 10, ids=
                             return_per_query=True)
     p = per[k]
     reps = np.array([p[i].mean() for i in bootstrap_indices(len(p), n_boot, seed)])
-    a = (1 - confidence) / 2
-    lo, hi = np.quantile(reps, [a, 1 - a])
+    lo, hi = percentile_ci(reps, confidence)
     r = dict(value=float(p.mean()), ci_low=float(lo), ci_high=float(hi), n_queries=len(qi), n_candidates=len(ci), k=k)
     return dict(r, replicates=reps) if return_replicates else r
 

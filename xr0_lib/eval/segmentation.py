@@ -25,7 +25,7 @@ from ..data.masks import class_masks
 from ..data.phantom import MASK_LABELS, LABEL_ID, RIB_IDS, make_phantom_dataset
 from ..augment import make_eval_transform
 from ..models.backbones import load_backbone, preprocess_config
-from .metrics import bootstrap_indices, paired_delta
+from .metrics import bootstrap_indices, paired_delta, percentile_ci
 from .embeddings import frozen_patch_grids
 
 # %% auto #0
@@ -273,13 +273,13 @@ def bootstrap_dice(scores: dict, classes: Sequence[str], n_resamples: int = 500,
     "Tidy Dice per model × class (+ 'mean'): value, ci_low, ci_high, n_images, replicates, paired Δ to `reference`."
     n = {len(v) for v in scores.values()}
     if len(n) != 1: raise ValueError(f"models were scored on different numbers of images: { {k: len(v) for k, v in scores.items()} }")
-    idx, a, rows = bootstrap_indices(n.pop(), n_resamples, seed), (1 - confidence) / 2, []
+    idx, rows = bootstrap_indices(n.pop(), n_resamples, seed), []
     for model, s in scores.items():
         cols = {c: s[:, k] for k, c in enumerate(classes)} | {"mean": _nanmean(s, 1)}
         for c, v in cols.items():
             reps = np.array([_nanmean(v[i]) for i in idx]); val = float(_nanmean(v))
             ok = reps[np.isfinite(reps)]
-            lo, hi = np.quantile(ok, [a, 1 - a]) if len(ok) else (np.nan, np.nan)
+            lo, hi = percentile_ci(ok, confidence)
             rows.append(dict(model=model, cls=c, metric="dice", value=val, ci_low=float(lo), ci_high=float(hi),
                              n_images=int(np.isfinite(v).sum()), n_resamples=len(idx), replicates=reps))
     out = pd.DataFrame(rows).rename(columns={"cls": "class"})
