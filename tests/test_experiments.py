@@ -15,11 +15,12 @@ CI_PARAMS: dict[str, dict] = {
               "n_boot": 50},
     "segmentation": {"n_images": 160, "image_size": 56, "input_size": 56, "max_iters": 10, "tasks": ["bones"], "n_resamples": 20},
     "localisation": {"n_images": 40, "image_size": 56, "input_size": 56, "n_boot": 20,
-                     "decoder": {"queries": 4, "layers": 1, "width": 16, "heads": 2, "epochs": 2}},
+                     "decoder": {"query_mode": "patch", "box_size": 0.1, "layers": 1, "width": 16, "heads": 2, "epochs": 2}},
     "report_generation": {"n_images": 120, "image_size": 56, "epochs": 2, "lm_epochs": 2, "n_resamples": 50, "fractions": [0.5, 1.0],
                           "max_new_tokens": 40},
     "grounding": {"n_images": 60, "image_size": 56, "input_size": 56, "epochs": 2, "layers": 1, "width": 32, "text_hidden": 32,
                   "n_boot": 20, "n_figure": 2, "torch_threads": 1},
+    "ptx": {"n_images": 300, "image_size": 56, "input_size": 56, "backbones": ["xr0-vitp14"], "max_epochs": 2, "n_resamples": 20},
     "matrix": {"suite": "phantom-ci", "tasks": ["retrieval"]},   # the whole phantom-ci suite runs in tests/test_matrix.py
 }
 

@@ -1,15 +1,17 @@
 """Phrase grounding (eval.grounding, experiments/grounding): IoU metrics against torchvision, phrase JSON parsing
 (several boxes, malformed rows), the loss, padding, which parts train, learning a grounding that beats the
-finding-mean-box baseline on a synthetic task, and the experiment end to end through papermill."""
+finding-mean-box baseline on a synthetic task, the paired Δ against a reference, an MS-CXR-shaped set through the
+`ms_cxr` adapter, and the experiment end to end through papermill."""
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
-from xr0_lib.eval.grounding import (GroundConfig, GroundingModel, finding_mean_boxes, finding_mean_predict, grounding_loss,
+from xr0_lib.eval.grounding import (GroundConfig, GroundingModel, finding_mean_boxes, finding_mean_predict, grounding_delta, grounding_loss,
                                     grounding_metrics, grounding_pairs, pair_iou, predict_grounding, train_grounding)
 from xr0_lib.eval.text import TextConfig, text_encoder
 from xr0_lib.experiments import run_experiment
@@ -138,3 +140,60 @@ def test_grounding_experiment_tiny(tmp_path):
     assert {"task", "backbone", "metric", "value", "ci_low", "ci_high"} <= set(tidy.columns)
     assert set(tidy.metric) == {"acc@0.5", "miou"} and set(tidy.backbone) == {"xr0-vitp14", "finding mean box"}
     assert (tmp_path / "grounding_boxes.png").is_file() and (tmp_path / "skipped_phrases.csv").is_file()
+
+
+def test_paired_delta_uses_shared_study_resamples():
+    g = torch.Generator().manual_seed(0)
+    t = random_boxes(g, 60).numpy()
+    good, bad = t + np.random.default_rng(0).normal(0, 1, t.shape), random_boxes(g, 60).numpy()
+    groups = np.repeat(np.arange(20), 3)
+    d = grounding_delta(good, bad, t, groups=groups, n_boot=200, seed=3).set_index("metric")
+    a = grounding_metrics(good, t, groups=groups, n_boot=200, seed=3).set_index("metric")
+    b = grounding_metrics(bad, t, groups=groups, n_boot=200, seed=3).set_index("metric")
+    for m in ("miou", "acc@0.5"):
+        assert d.loc[m, "delta"] == pytest.approx(a.loc[m, "value"] - b.loc[m, "value"])
+        assert d.loc[m, "delta_ci_low"] > 0 and d.loc[m, "delta_p"] < 0.05
+    rev = grounding_delta(bad, good, t, groups=groups, n_boot=200, seed=3).set_index("metric")
+    assert rev.loc["miou", "delta_ci_high"] == pytest.approx(-d.loc["miou", "delta_ci_low"])   # same resamples, sign flipped
+
+
+def _ms_cxr_shaped(root, n=36, size=64):
+    "A small MS-CXR-shaped set: MIMIC-style paths (files/pNN/pNNNNNNNN/sNN/ID.png), the MS-CXR CSV columns, a bright box per phrase."
+    g = np.random.default_rng(0); rows = []
+    for i in range(n):
+        did, pid = f"d{i:03d}", f"p1{i:07d}"
+        path = f"files/p1{i % 3}/{pid}/s{i:08d}/{did}.png"
+        img = (g.random((size, size)) * 40).astype(np.uint8)
+        cat, text = [("Pleural effusion", "right pleural effusion"), ("Pneumonia", "left lower lobe opacity")][i % 2]
+        x, y = (4, 30) if i % 2 == 0 else (34, 30)
+        w, h = int(g.integers(16, 26)), int(g.integers(16, 28))
+        img[y:y + h, x:x + w] = 220
+        (root / path).parent.mkdir(parents=True, exist_ok=True); Image.fromarray(img).save(root / path)
+        rows.append(dict(dicom_id=did, category_name=cat, label_text=text, path=path, x=x, y=y, w=w, h=h, image_width=size,
+                         image_height=size, split="train"))
+    pd.DataFrame(rows).to_csv(root / "MS_CXR_Local_Alignment_v1.1.0.csv", index=False)
+    (root / "ms_cxr.yaml").write_text(f"name: ms_cxr\nroot: {root}\nadapter: ms_cxr\ntasks: {{}}\n"
+                                      "split_policy: {type: patient_hash, val: 0.0, test: 0.3, seed: 0}\n")
+    return root / "ms_cxr.yaml"
+
+
+def test_ms_cxr_adapter_feeds_grounding(tmp_path):
+    from xr0_lib.data.manifest import load_manifest
+    yaml = _ms_cxr_shaped(tmp_path)
+    df = load_manifest(yaml)
+    pairs, skipped = grounding_pairs(df)
+    assert len(pairs) == 36 and skipped.empty
+    assert set(pairs.finding) == {"Pleural effusion", "Pneumonia"}          # MS-CXR's category_name is the finding
+    assert set(pairs.split) <= {"train", "test"} and (pairs.split == "test").any()
+    first = pairs.iloc[0]
+    raw = json.loads(df.phrases.iat[int(first.row)])[0]
+    assert first.box == raw["box"] and first.phrase == raw["phrase"]
+    out = tmp_path / "run"
+    params = dict(manifest=str(yaml), input_size=56, epochs=2, layers=1, width=32, text_hidden=32, n_boot=20, n_figure=2,
+                  fractions=[1.0], torch_threads=1)
+    res = run_experiment("grounding", out, params, timeout=300)
+    tidy = pd.DataFrame(res["metrics"])
+    assert set(tidy.backbone) == {"xr0-vitp14", "finding mean box"}
+    assert tidy.n.iloc[0] == (pairs.split == "test").sum()
+    model = tidy[tidy.backbone == "xr0-vitp14"].set_index("metric")
+    assert {"delta", "delta_ci_low", "delta_ci_high"} <= set(model.columns) and model.loc["miou", "reference"] == "finding mean box"

@@ -159,3 +159,64 @@ def test_difficulty_linear_pixels_do_not_solve_marker_sex_findings():
     hard = res.loc[["marker", "sex", *FINDINGS], "auroc"]
     assert hard.notna().all() and (hard < 0.8).all(), res
     assert res.loc["anatomy", "auroc"] > 0.85, res      # the check itself can tell an easy task
+
+
+# Recorded from the generator before finding masks were added (commit 17d5072, 48 images at 64 px, seed 0): adding the finding
+# maps and the readable fracture names must not move one pixel, mask, rib, box, label or metadata value (no RNG draw added or
+# reordered). A numpy/scipy/Pillow upgrade that changes a float rounding also trips it: check the diff, then re-record.
+GOLDEN_BEFORE_FINDING_MASKS = {"image": "25bcfaeb2731ecce", "mask": "f9fbbdc75aa905e7", "ribs": "3e18a8a83f0470d8",
+                               "boxes": "e9787d3fd6c41bc2", "labels": "fbfce6098488437e", "metadata": "a92aa62fdeef9721"}
+
+
+def test_existing_outputs_bitwise_unchanged_by_finding_masks():
+    h = {k: hashlib.sha256() for k in GOLDEN_BEFORE_FINDING_MASKS}
+    for i in range(48):
+        img, a = render_phantom(i, 64, 0)
+        h["image"].update(img.tobytes()); h["mask"].update(a["mask"].tobytes())
+        h["ribs"].update(b"-" if a["ribs"] is None else a["ribs"].tobytes())
+        for k in ("boxes", "labels", "metadata"): h[k].update(json.dumps(a[k], sort_keys=True).encode())
+    assert {k: v.hexdigest()[:16] for k, v in h.items()} == GOLDEN_BEFORE_FINDING_MASKS
+
+
+def test_finding_maps_match_labels_and_orientation(tmp_path):
+    seen = set()
+    for i in range(200):
+        s = phantom_spec(i, 0)
+        img, a = render_phantom(s, 96)
+        if s.anatomy != "chest":
+            assert a["findings"] is None; continue
+        fm = a["findings"]
+        assert fm.shape == img.shape and fm.dtype == np.uint8 and fm.max() < (1 << len(ph.FINDING_MASKS))
+        for f, bit in ph.FINDING_BITS.items():
+            if (fm & bit).any():
+                assert a["labels"][f] == 1, (i, f)          # no mask without the finding
+                seen.add(f)
+        if s.rotation or s.mirrored:                          # the map is oriented with the image
+            _, a0 = render_phantom(dataclasses.replace(s, rotation=0, mirrored=False), 96)
+            np.testing.assert_array_equal(fm, ph._orient(a0["findings"], s.mirrored, s.rotation))
+        if a["labels"]["pneumothorax"] == 1:                 # the pneumothorax lies inside the lungs' label
+            ptx = (fm & ph.FINDING_BITS["pneumothorax"]) > 0
+            lung = np.isin(a["mask"], [LABEL_ID[k] for k in ("right_lung", "left_lung", "lungs_lateral")])
+            assert (ptx & ~lung).sum() <= 0.35 * ptx.sum(), i  # heart/clavicles overwrite the lung label, not the rim
+    assert seen == set(ph.FINDING_MASKS)
+    m = make_phantom_dataset(tmp_path, n=32, size=48, seed=0, workers=1, show_progress=False)
+    df = pd.read_csv(m)
+    chest = df.anatomy == "chest"
+    assert df.loc[chest, "finding_mask_path"].notna().all() and df.loc[~chest, "finding_mask_path"].isna().all()
+    r = df[chest].iloc[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / r.finding_mask_path)),
+                                  render_phantom(int(r.image_id[2:]), 48, 0)[1]["findings"])
+
+
+def test_reports_and_phrases_name_fracture_sites_readably():
+    "No site id (ramus_r, neck_l, mc2, ...) in any report or phrase; vertebrae keep their capital (L3)."
+    import re
+    sites = re.compile(r"\b(ramus_[rl]|neck_[rl]|mc\d|mt\d|pp\d|vault)\b|_")
+    n_fx = 0
+    for i in range(400):
+        _, a = render_phantom(i, 48, 0)
+        texts = [a["report"]] + [p["phrase"] for p in a["phrases"]]
+        for t in texts: assert not sites.search(t.replace("skull vault", "")), (i, t)
+        n_fx += "racture of the" in a["report"]
+        assert not re.search(r"\bl\d vertebral", a["report"]), a["report"]
+    assert n_fx > 30

@@ -171,3 +171,65 @@ def test_augment_mode_trains_with_warped_masks(phantom):
     head = make_head("linear", bb, 3)
     r = fit_segmentation(bb, head, d, d, SegConfig(mode="augment", lr=1e-2, max_iters=4, eval_every=2, batch_size=4))
     assert r["mode"] == "augment" and len(r["history"]) == 2 and r["best_val_dice"] >= 0
+
+
+def test_findings_task_reads_the_phantom_bit_map(phantom):
+    "Each class of the `findings` task is its bit of the stored finding map; a mask only where the finding is labelled."
+    from xr0_lib.data.phantom import FINDING_BITS, FINDING_MASKS
+    t = seg_task("findings")
+    d = load_seg_data(phantom, t, dict(size=56, crop_size=56, mean=[0.5] * 3, std=[0.2] * 3))
+    chest = phantom[phantom.anatomy == "chest"].set_index("image_id")
+    assert d.image_ids == list(chest.index) and d.classes == list(FINDING_MASKS)
+    root = Path(phantom.attrs["root"])
+    for k, iid in enumerate(d.image_ids):
+        fm = np.asarray(Image.open(root / chest.loc[iid, "finding_mask_path"]))
+        for c, f in enumerate(FINDING_MASKS):
+            assert np.array_equal(d.masks[k, c].numpy(), ((fm & FINDING_BITS[f]) > 0).astype(np.uint8)), (iid, f)
+            if d.masks[k, c].any(): assert chest.loc[iid, f] == 1
+    assert d.masks[:, 0].sum() > 0                       # some pneumothorax pixels in 160 images
+
+
+def test_vitdet_head_overfits_eight_phantom_images(phantom):
+    torch.set_num_threads(1)
+    bb = load_backbone("xr0-vitp14", img_size=56)
+    task = SegTask("lh", label_column="mask_path", label_values={"lungs": [LABEL_ID["right_lung"], LABEL_ID["left_lung"]],
+                                                                 "heart": LABEL_ID["heart"]}, **LUNG_HEART)
+    d = load_seg_data(phantom, task, preprocess_config(bb))
+    d8 = SegData(d.images[:8], d.masks[:8], d.image_ids[:8], d.classes)
+    torch.manual_seed(0)
+    head = make_head("vitdet", bb, 2, channels=32)
+    r = fit_segmentation(bb, head, d8, d8, SegConfig(lr=3e-3, max_iters=100, eval_every=20, early_stop=100))
+    assert r["best_val_dice"] > 0.9, r["history"]
+
+
+def test_fractions_use_nested_patient_level_subsets_and_saved_splits(phantom, tmp_path):
+    "Training sets of 0.25 ⊂ 0.5 ⊂ 1.0 of the train split's patients; a saved fraction_dir gives the same rows as the draw."
+    from xr0_lib.data.manifest import make_fraction_splits
+    bb = load_backbone("xr0-vitp14", img_size=56)
+    cfg = SegConfig(lr=1e-2, max_iters=2)
+    kw = dict(heads=["linear"], cfg=cfg, n_resamples=10, fractions=[0.25, 0.5, 1.0], seeds=[0, 1])
+    a = compare_segmentation({"m": bb}, phantom, ["bones"], **kw)
+    n = a.runs.groupby(["fraction", "seed"]).n_train.first()
+    assert n[(0.25, 0)] <= n[(0.5, 0)] <= n[(1.0, 0)] and n[(0.25, 0)] < n[(1.0, 0)]
+    assert set(a.tidy.seed.astype(str)) == {"0", "1", "mean"}
+    make_fraction_splits(phantom, fractions=[0.25, 0.5, 1.0], seeds=[0, 1], out=tmp_path / "fr")
+    b = compare_segmentation({"m": bb}, phantom, ["bones"], fraction_dir=tmp_path / "fr", **kw)
+    pd.testing.assert_series_equal(a.runs.n_train, b.runs.n_train)
+
+
+def test_ptx_multitask_plus_learns_the_pneumothorax(tmp_path):
+    "On frontal-chest phantoms the multitask+ head segments pneumothoraces of the training images (Dice on positives)."
+    from xr0_lib.eval.multitask import MultitaskHead, PTXConfig, _predict, fit_multitask, ptx_features
+    torch.set_num_threads(1)
+    df = load_manifest(make_phantom_dataset(tmp_path, n=48, size=112, seed=0, show_progress=False, workers=1,
+                                            where={"anatomy": ["chest"], "view": ["frontal"]}))
+    bb = load_backbone("xr0-vitp14", img_size=112)   # an 8×8 patch grid: a pneumothorax rim is 1–2 patches wide
+    f = ptx_features(bb, df, None)
+    assert f.y.sum() >= 4 and (f.masks.flatten(1).amax(1).numpy() <= f.y).all()
+    torch.manual_seed(0)
+    head = MultitaskHead("multitask_plus", bb.embed_dim)
+    fit_multitask(head, f, f, PTXConfig(lr=3e-3, max_epochs=60, patience=100, batch_size=8))
+    p, seg = _predict(head, f)
+    pos = f.y == 1
+    d = dice_scores(seg[pos] > 0.5, f.masks[pos] > 0)
+    assert np.nanmean(d) > 0.5, np.nanmean(d)

@@ -151,14 +151,14 @@ def run_experiment(name: str | Path, out_dir: str | Path, parameters: dict | Non
 
 # %% ../nbs/70_experiments.ipynb #9be13334
 def manifest_or_phantom(manifest: str | Path | None, out_dir: str | Path, n_images: int, image_size: int,
-                        seed: int = 0) -> Path:
-    "`manifest` when given; else `out_dir/phantom/manifest.csv`, rendering `n_images` phantoms of `image_size` px there if missing."
+                        seed: int = 0, where: dict | None = None) -> Path:
+    "`manifest` when given; else `out_dir/phantom/manifest.csv`, rendering `n_images` phantoms of `image_size` px there if missing (only those matching `where`, e.g. frontal chests)."
     if manifest is not None:
         p = Path(manifest)
         if not p.is_file(): raise FileNotFoundError(f"manifest {p} does not exist")
         return p
     p = Path(out_dir) / "phantom" / "manifest.csv"
-    if not p.is_file(): make_phantom_dataset(p.parent, n=n_images, size=image_size, seed=seed, show_progress=False)
+    if not p.is_file(): make_phantom_dataset(p.parent, n=n_images, size=image_size, seed=seed, show_progress=False, where=where or None)
     return p
 
 # %% ../nbs/70_experiments.ipynb #f4bb8331

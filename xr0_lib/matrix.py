@@ -18,6 +18,7 @@ from .data.manifest import dataset_root, load_dataset_spec
 from .experiments import (find_experiment, manifest_or_phantom, notebook_parameters, run_sweep,
                           sweep_points, _point_dir)
 from .eval.tables import markdown_table, paper_table
+from .models.backbones import backbone_labels
 
 # %% auto #0
 __all__ = ['SUITES', 'TABLE_OF', 'TABLE_TITLES', 'load_suite', 'write_suite', 'plan_matrix', 'run_matrix', 'matrix_results',
@@ -33,7 +34,7 @@ _PHANTOM_TASKS = {
            "fractions": [1.0], "probes": ["mlp"], "metrics": ["mcc"]},
     "fairness": {"task": "fracture", "attributes": ["sex", "age"], "probe": "knn"},
     "segmentation": {"tasks": ["organs", "bones"], "heads": ["linear", "upernet"], "input_size": 112},
-    "localisation": {"tasks": ["marker", "fracture"], "input_size": 112},
+    "localisation": {"tasks": ["marker", "fracture"]},
     "grounding": {},
     "report_generation": {"fractions": [0.1, 1.0]},
     "align": {},
@@ -47,7 +48,7 @@ _CI_TASKS = {
     "fairness": {"task": "marker", "attributes": ["sex"], "probe": "knn"},
     "segmentation": {"tasks": ["bones"], "heads": ["linear", "upernet"], "input_size": 56, "max_iters": 3,
                      "n_resamples": 20, "overlay_images": 1, "channels": 8},
-    "localisation": {"tasks": ["marker"], "input_size": 56, "decoder": {"epochs": 2, "layers": 1, "width": 32, "queries": 5},
+    "localisation": {"tasks": ["marker"], "input_size": 56, "decoder": {"epochs": 2, "layers": 1, "width": 32, "query_mode": "patch", "box_size": 0.1},
                      "n_figure": 1},
     "grounding": {"epochs": 1},
     "report_generation": {"epochs": 1, "fractions": [1.0]},
@@ -221,8 +222,8 @@ def _metric_label(r: dict) -> str:
     if f is not None and f == f: q.append(f"{100 * float(f):g}%")
     return " ".join([m] + q)
 
-def _records(row: dict) -> list[dict]:
-    "The tidy rows of one finished cell."
+def _records(row: dict, labels: dict) -> list[dict]:
+    "The tidy rows of one finished cell; `labels` maps each backbone spec to its table name (`backbone_labels`)."
     doc = json.loads((Path(row["dir"]) / "results.json").read_text()); recs = doc.get("metrics", [])
     if row["experiment"] == "align": recs = [r for r in recs if r.get("backbone") in ("aligned", None)]
     out = []
@@ -232,23 +233,25 @@ def _records(row: dict) -> list[dict]:
         if row["experiment"] == "fairness" and r.get("attribute"):
             task = f"{task} {r['attribute']}" + (f": {r.get('train_group')} → {r.get('test_group')}" if r.get("test_group") else "")
         conv = str(r.get("metric", "")).startswith(("epochs_to_", "convergence_"))
-        b = row["backbone"] if row["backbone"] != "*" else r.get("backbone", "?")
+        # a per-backbone cell names its backbone by spec; a shared cell's records are already labelled by the experiment
+        b = labels.get(str(row["backbone"]), Path(str(row["backbone"])).name) if row["backbone"] != "*" else str(r.get("backbone", "?"))
         out.append(dict(table="convergence" if conv else row["table"], dataset=row["dataset"], task=task, metric=_metric_label(r),
-                        backbone=str(Path(str(b)).name), reason="",
+                        backbone=b, reason="",
                         **{k: r.get(k, np.nan) for k in ("value", "ci_low", "ci_high", "delta", "delta_ci_low", "delta_ci_high", "reference")}))
     return out
 
 def matrix_results(out_dir: str | Path) -> pd.DataFrame:
     "One tidy frame of a matrix run's cells (from `matrix_status.csv` and each cell's results.json); missing cells carry a `reason`."
     out = Path(out_dir); st = pd.read_csv(out / "matrix_status.csv", keep_default_na=False)
-    backbones = [str(Path(b).name) for b in (yaml.safe_load((out / "backbones.yaml").read_text()) if (out / "backbones.yaml").is_file() else [])]
+    specs = yaml.safe_load((out / "backbones.yaml").read_text()) if (out / "backbones.yaml").is_file() else []
+    labels = backbone_labels(specs); backbones = list(labels.values())
     rows = []
     for r in st.to_dict("records"):
-        got = _records(r) if r["status"] in ("ok", "skipped (done)") and (Path(r["dir"]) / "results.json").is_file() else []
+        got = _records(r, labels) if r["status"] in ("ok", "skipped (done)") and (Path(r["dir"]) / "results.json").is_file() else []
         if got: rows += got; continue
         why = f"{r['status']}: {r['reason']}" if r["reason"] else r["status"]
         if r["status"] in ("ok", "skipped (done)"): why = "no records: the experiment wrote no metrics"
-        for b in ([str(Path(r["backbone"]).name)] if r["backbone"] != "*" else backbones or ["*"]):
+        for b in ([labels.get(str(r["backbone"]), Path(str(r["backbone"])).name)] if r["backbone"] != "*" else backbones or ["*"]):
             rows.append(dict(table=r["table"], dataset=r["dataset"], task=r["task"], metric="—", backbone=b, value=np.nan, reason=why))
     tidy = pd.DataFrame(rows); tidy.attrs["backbones"] = backbones
     return tidy

@@ -23,10 +23,10 @@ from ..core import progress
 
 # %% auto #0
 __all__ = ['ANATOMIES', 'ANATOMY_WEIGHTS', 'VIEWS', 'ANATOMY_VIEWS', 'LIMBS', 'FIELD_OF_VIEW_CM', 'CHEST_FINDINGS', 'FINDINGS',
-           'FINDING_PREVALENCE', 'ROTATIONS', 'SPLITS', 'AGE_GROUPS', 'MASK_LABELS', 'LABEL_ID', 'RIB_IDS', 'BLOCK',
-           'MANIFEST_COLUMNS', 'PhantomSpec', 'phantom_spec', 'render_phantom_float', 'render_phantom',
-           'make_phantom_dataset', 'phantom_manifest_description', 'phantom_manifest_yaml', 'difficulty_check',
-           'cli_phantom', 'benchmark_phantom']
+           'FINDING_PREVALENCE', 'ROTATIONS', 'SPLITS', 'AGE_GROUPS', 'MASK_LABELS', 'LABEL_ID', 'RIB_IDS',
+           'FINDING_MASKS', 'FINDING_BITS', 'BLOCK', 'MANIFEST_COLUMNS', 'PhantomSpec', 'phantom_spec',
+           'render_phantom_float', 'render_phantom', 'make_phantom_dataset', 'phantom_manifest_description',
+           'phantom_manifest_yaml', 'difficulty_check', 'cli_phantom', 'benchmark_phantom']
 
 # %% ../../nbs/06_data.phantom.ipynb #eeba2652
 ANATOMIES = ("chest", "hand", "wrist", "knee", "foot", "pelvis", "spine", "skull", "shoulder", "elbow")
@@ -58,6 +58,9 @@ MASK_LABELS = {
 LABEL_ID = {v: k for k, v in MASK_LABELS.items()}
 # rib instance maps (frontal chest only): 1..10 = patient's right ribs R1..R10, 11..20 = left ribs L1..L10
 RIB_IDS = {**{i: f"R{i}" for i in range(1, 11)}, **{10 + i: f"L{i}" for i in range(1, 11)}}
+# finding maps (chest only): bit i of a pixel is set where FINDING_MASKS[i] is (findings overlap, so one bit each)
+FINDING_MASKS = ("pneumothorax", "pleural_effusion", "consolidation", "nodule")
+FINDING_BITS = {f: 1 << i for i, f in enumerate(FINDING_MASKS)}
 
 # %% ../../nbs/06_data.phantom.ipynb #528953e6
 BLOCK = 16
@@ -188,6 +191,7 @@ class _SceneCanvas:
         self.female = spec.sex == "F"
         self.fracture = None
         self.details = {}
+        self.finding_masks = {}   # finding -> bool (S, S) pixel mask (chest findings)
 
     # -- coordinates
     def px(self, x, y):
@@ -424,6 +428,7 @@ def _chest_common_findings(sc, masks, lungs, hilum, gas, W, ytop, yd, ycp, sev, 
         w = np.clip((Y - ym) / 0.02, 0, 1) * masks[s]
         sc.air -= gas * w * 0.95; sc.soft += 1.5 * w
         ph = f"{_size_word(v)} {_SIDE[s]} pleural effusion"
+        sc.finding_masks["pleural_effusion"] = w > 0.5
         sc.add_box_mask("pleural_effusion", w > 0.5, ph); sc.sentences.append(ph.capitalize() + ".")
     if f["consolidation"]:
         s, v = side["consolidation"], sev["consolidation"]
@@ -436,13 +441,15 @@ def _chest_common_findings(sc, masks, lungs, hilum, gas, W, ytop, yd, ycp, sev, 
         w = np.clip(1.3 * (1 - q) + 0.5 * C, 0, 1) * (q < 1.5) * masks[s]
         sc.air -= gas * w * 0.8; sc.soft += 1.0 * w
         ph = f"consolidation in the {_SIDE[s]} {_ZONES[zone]} zone"
+        sc.finding_masks["consolidation"] = w > 0.35
         sc.add_box_mask("consolidation", w > 0.35, ph); sc.sentences.append(ph.capitalize() + ".")
     if f["nodule"]:
         s, v = side["nodule"], sev["nodule"]
         r = 0.0035 + 0.0165 * v
         ny = ytop + 0.08 + (yd - ytop - 0.14) * pos[2]
         nx = xa + 0.06 + (xp - xa - 0.12) * pos[3] if lateral else 0.5 + s * (0.09 + (W - 0.16) * pos[1])
-        sc.blob((nx, ny), r, 0.9 * r, depth=2.2 * r * sc.fov, layer="soft")
+        nod = sc.blob((nx, ny), r, 0.9 * r, depth=2.2 * r * sc.fov, layer="soft")
+        if nod is not None: sc.finding_masks["nodule"] = np.zeros((sc.S, sc.S), bool); sc.finding_masks["nodule"][nod[0]] = nod[1] < 1
         zone = min(2, int(3 * (ny - ytop) / (yd - ytop)))
         ph = f"{2 * r * sc.fov * 10:.0f} mm nodule in the {_SIDE[s]} {_ZONES[zone]} zone"
         sc.add_box("nodule", nx, ny, 1.4 * r + 1 / sc.S, 1.4 * r + 1 / sc.S, ph); sc.sentences.append(ph.capitalize() + ".")
@@ -475,7 +482,7 @@ def _chest_frontal(sc, W, ytop, yd, ycp, m, ctr, sev, side, pos):
         rim = masks[s] & ~marked[s]
         line = np.asarray(sc.polyline(inner + inner[:1], 0.0), bool) & masks[s]
         sc.soft += 1.5 * line; sc.air += 2.5 * rim
-        ph = f"{_size_word(v)} {_SIDE[s]} pneumothorax"
+        ph = f"{_size_word(v)} {_SIDE[s]} pneumothorax"; sc.finding_masks["pneumothorax"] = rim
         sc.add_box_mask("pneumothorax", rim, ph); sc.sentences.append(ph.capitalize() + ".")
     lungs = masks[-1] | masks[1]
     gas = _gas(sc, lungs, 13 + 1.5 * b)
@@ -561,7 +568,7 @@ def _chest_lateral(sc, W, ytop, yd, ycp, m, ctr, sev, side, pos):
         rim = lung & ~marked
         line = np.asarray(sc.polyline(inner + inner[:1], 0.0), bool) & lung
         sc.soft += 1.2 * line; sc.air += 2.0 * rim
-        ph = f"{_size_word(vv)} {_SIDE[side['pneumothorax']]} pneumothorax"
+        ph = f"{_size_word(vv)} {_SIDE[side['pneumothorax']]} pneumothorax"; sc.finding_masks["pneumothorax"] = rim
         sc.add_box_mask("pneumothorax", rim, ph); sc.sentences.append(ph.capitalize() + ".")
     gas = _gas(sc, lung, 22 + 2 * b)
     V = _crop(_texture(S, "vessel"), S, sc.rng)
@@ -973,7 +980,8 @@ _VIEW_WORDS = dict(chest=dict(frontal="PA", lateral="Lateral"), knee=dict(other=
 
 def _fracture_phrase(sc: _Scene) -> str:
     sev = sc.fracture["sev"] if sc.fracture else 0.5
-    return ("subtle " if sev < 0.3 else "displaced " if sev > 0.75 else "") + f"fracture of the {sc.details['fracture_site']}"
+    name = sc.fracture["name"] if sc.fracture else sc.details["fracture_site"]   # the readable name, never a site id (ramus_r)
+    return ("subtle " if sev < 0.3 else "displaced " if sev > 0.75 else "") + f"fracture of the {name}"
 
 def _report(spec: PhantomSpec, sc: _Scene) -> str:
     vw = _VIEW_WORDS.get(spec.anatomy, {}).get(spec.view, {"frontal": "AP" if spec.anatomy in ("knee", "elbow", "shoulder", "pelvis", "spine", "skull") else "PA",
@@ -983,12 +991,19 @@ def _report(spec: PhantomSpec, sc: _Scene) -> str:
     body = list(sc.sentences)
     if spec.anatomy != "chest":
         fr = sc.details.get("fracture_site")
-        if spec.findings.get("fracture") and fr: body.append(_fracture_phrase(sc).capitalize() + ".")
+        if spec.findings.get("fracture") and fr: p = _fracture_phrase(sc); body.append(p[:1].upper() + p[1:] + ".")   # not capitalize(): keeps "L3"
         else: body.append("No fracture.")
         if sc.child: body.append("Growth plates are open.")
         elif spec.bone_density < 0.75: body.append("The bones are osteopenic.")
         if spec.age > 60 and spec.anatomy in ("knee", "spine"): body.append("Degenerative changes.")
     return " ".join([head] + body)
+
+def _finding_map(sc: _Scene):
+    "The (S, S) uint8 bit map of the chest findings (bit i: `FINDING_MASKS[i]`), None for other anatomies."
+    if sc.spec.anatomy != "chest": return None
+    fm = np.zeros((sc.S, sc.S), np.uint8)
+    for f, m in sc.finding_masks.items(): fm[m] |= FINDING_BITS[f]
+    return fm
 
 # %% ../../nbs/06_data.phantom.ipynb #e6474615
 def render_phantom_float(spec_or_index, size: int = 256, seed: int = 0):
@@ -1000,6 +1015,7 @@ def render_phantom_float(spec_or_index, size: int = 256, seed: int = 0):
     zoom, centre = _ZOOM.get(spec.anatomy, (1.0, (0.5, 0.5)))
     sc = _Scene(size, spec, zoom, centre)
     _RENDERERS[spec.anatomy](sc, spec.view)
+    fmap = _finding_map(sc)
     if spec.laterality == "left":      # left limbs are the mirror image of the right ones
         for k in ("soft", "bone", "air", "body", "label"): setattr(sc, k, np.ascontiguousarray(getattr(sc, k)[:, ::-1]))
         for b in sc.boxes: b["box"] = [size - b["box"][2], b["box"][1], size - b["box"][0], b["box"][3]]
@@ -1016,6 +1032,7 @@ def render_phantom_float(spec_or_index, size: int = 256, seed: int = 0):
     ribs = None
     if sc.ribs is not None:
         ribs = np.zeros_like(sc.ribs); ribs[y0:y1, x0:x1] = sc.ribs[y0:y1, x0:x1]
+    if fmap is not None: fmap = np.pad(fmap[y0:y1, x0:x1], ((y0, size - y1), (x0, size - x1)))   # the collimated field only
     boxes = []
     for b in sc.boxes:   # clip to the collimated field
         bb = [max(b["box"][0], x0), max(b["box"][1], y0), min(b["box"][2], x1), min(b["box"][3], y1)]
@@ -1025,12 +1042,13 @@ def render_phantom_float(spec_or_index, size: int = 256, seed: int = 0):
         if mb is not None: boxes.append({"label": "lead_marker", "box": mb, "phrase": None})
     img, label = _orient(img, spec.mirrored, spec.rotation), _orient(label, spec.mirrored, spec.rotation)
     if ribs is not None: ribs = _orient(ribs, spec.mirrored, spec.rotation)
+    if fmap is not None: fmap = _orient(fmap, spec.mirrored, spec.rotation)
     for b in boxes: b["box"] = _orient_box(b["box"], size, spec.mirrored, spec.rotation)
     labels = dict(anatomy=spec.anatomy, view=spec.view, laterality=spec.laterality, marker=int(spec.marker),
                   marker_glyph=spec.marker_glyph, mirrored=int(spec.mirrored), rotation=spec.rotation, sex=spec.sex,
                   age=spec.age, age_group=_age_group(spec.age),
                   **{f: (spec.findings[f] if f in spec.findings else None) for f in FINDINGS})
-    ann = dict(spec=spec, labels=labels, mask=label, ribs=ribs,
+    ann = dict(spec=spec, labels=labels, mask=label, ribs=ribs, findings=fmap,
                boxes=[{"label": b["label"], "x0": b["box"][0], "y0": b["box"][1], "x1": b["box"][2], "y1": b["box"][3]} for b in boxes],
                phrases=[{"phrase": b["phrase"], "box": b["box"]} for b in boxes if b["phrase"]],
                report=_report(spec, sc),
@@ -1081,7 +1099,7 @@ def _png(path: Path, a: np.ndarray): Image.fromarray(a).save(path, optimize=Fals
 
 MANIFEST_COLUMNS = ("image_id", "path", "patient_id", "study_id", "split", "anatomy", "view", "laterality", "marker",
                     "marker_glyph", "mirrored", "rotation", "sex", "age", "age_group", *FINDINGS, "mask_path",
-                    "rib_mask_path", "boxes", "report", "phrases", "metadata")
+                    "rib_mask_path", "finding_mask_path", "boxes", "report", "phrases", "metadata")
 
 def _write_one(index: int, out: Path, size: int, seed: int, dicom: bool) -> dict:
     spec = phantom_spec(index, seed)
@@ -1095,10 +1113,12 @@ def _write_one(index: int, out: Path, size: int, seed: int, dicom: bool) -> dict
     rib_rel = ""
     if ann["ribs"] is not None:
         rib_rel = f"ribs/{iid}.png"; _png(out / rib_rel, ann["ribs"])
+    fnd_rel = "" if ann["findings"] is None else f"findings/{iid}.png"
+    if fnd_rel: _png(out / fnd_rel, ann["findings"])
     meta = dict(ann["metadata"], size=size, seed=seed, format="dicom" if dicom else "png")
     if dicom: meta.update(photometric="MONOCHROME1" if spec.dicom_mono1 else "MONOCHROME2", modality=spec.dicom_modality)
     return dict(image_id=iid, path=rel, patient_id=spec.patient_id, study_id=spec.study_id, split=spec.split,
-                **ann["labels"], mask_path=f"masks/{iid}.png", rib_mask_path=rib_rel,
+                **ann["labels"], mask_path=f"masks/{iid}.png", rib_mask_path=rib_rel, finding_mask_path=fnd_rel,
                 boxes=json.dumps(ann["boxes"]), report=ann["report"], phrases=json.dumps(ann["phrases"]),
                 metadata=json.dumps(meta, sort_keys=True))
 
@@ -1112,15 +1132,28 @@ def _write_chunk(args) -> tuple:
             errors.append(dict(index=i, image_id=f"ph{i:07d}", error=f"{type(e).__name__}: {e}"))
     return rows, errors
 
+def _matching(n: int, seed: int, where: dict) -> list:
+    "The first `n` indices whose spec has, for every key of `where`, one of its allowed values."
+    bad = [k for k in where if k not in PhantomSpec.__dataclass_fields__]
+    if bad: raise ValueError(f"where: {bad} are not PhantomSpec fields (e.g. anatomy, view, sex, split)")
+    out, i = [], 0
+    while len(out) < n:
+        s = phantom_spec(i, seed)
+        if all(getattr(s, k) in set(v) for k, v in where.items()): out.append(i)
+        i += 1
+        if i > 200 * n + 20000 and len(out) < n // 100 + 1: raise ValueError(f"where: almost no phantom image matches {where}")
+    return out
+
 def make_phantom_dataset(out, n: int = 1000, size: int = 256, seed: int = 0, dicom: bool = False, workers: int | None = None,
-                         show_progress: bool | None = None) -> Path:
-    "Render phantom images 0..n-1 into `out` (images, masks, manifest.csv, manifest.yaml); returns the manifest path."
+                         show_progress: bool | None = None, where: dict | None = None) -> Path:
+    "Render phantom images 0..n-1 (or the first `n` whose spec matches `where`) into `out`; returns the manifest path."
     if n < 1: raise ValueError(f"n must be >= 1, got {n}")
     if size < 32: raise ValueError(f"size must be >= 32 px, got {size}")
     out = Path(out).expanduser()
-    for d in ("images", "masks", "ribs"): (out / d).mkdir(parents=True, exist_ok=True)
+    for d in ("images", "masks", "ribs", "findings"): (out / d).mkdir(parents=True, exist_ok=True)
     workers = max(1, min(workers or os.cpu_count() or 1, (n + BLOCK - 1) // BLOCK))
-    chunks = [(list(range(s, min(n, s + BLOCK))), str(out), int(size), int(seed), bool(dicom)) for s in range(0, n, BLOCK)]
+    idx = _matching(n, seed, where) if where else list(range(n))
+    chunks = [(idx[s:s + BLOCK], str(out), int(size), int(seed), bool(dicom)) for s in range(0, n, BLOCK)]
     rows, errors = [], []
     bar = progress(total=n, desc="phantom", disable=(not show_progress) if show_progress is not None else None)
     if workers == 1:
@@ -1175,6 +1208,8 @@ def phantom_manifest_description(root: str = "../.xr0_cache/phantom") -> dict:
                    labels={int(k): v for k, v in MASK_LABELS.items()}),
         rib_instances=dict(column="rib_mask_path", format="8-bit PNG instance map (frontal chest only; empty path otherwise), 0 = no rib",
                            labels={int(k): v for k, v in RIB_IDS.items()}),
+        finding_masks=dict(column="finding_mask_path", format="8-bit PNG bit map (chest only; empty path otherwise): bit i set = finding i is there",
+                           bits=dict(FINDING_BITS)),
         boxes=dict(column="boxes", format='JSON list of {"label", "x0", "y0", "x1", "y1"} in stored-image pixels',
                    labels=[*FINDINGS, "lead_marker"]),
         phrases=dict(column="phrases", format='JSON list of {"phrase", "box": [x0, y0, x1, y1]}'),

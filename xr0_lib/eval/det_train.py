@@ -52,7 +52,7 @@ def train_detector(feats: torch.Tensor, targets: list[dict], lbs: list[dict], n_
     "A DETR decoder trained on cached features (N, taps, h, w, D) for `targets`; and the mean loss of each epoch."
     seed_everything(seed)
     model = DetrDecoder(feats.shape[-1], n_classes, feats.shape[1], cfg.queries, cfg.layers, cfg.width, cfg.heads,
-                        dropout=cfg.dropout).to(device)
+                        dropout=cfg.dropout, query_mode=cfg.query_mode, box_size=cfg.box_size).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tt = _input_targets(targets, lbs); g = torch.Generator().manual_seed(seed); hist = []
     for _ in range(cfg.epochs):

@@ -120,11 +120,15 @@ def sine_position_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> 
 
 # %% ../../nbs/58_eval.detection.ipynb #4004de8a
 class DetrDecoder(nn.Module):
-    "Learned queries cross-attending to projected patch tokens of the tapped blocks; class and box heads on every layer."
+    """Queries cross-attending to projected patch tokens of the tapped blocks; class and box heads on every layer.
+    `query_mode="learned"`: `queries` learned embeddings with learned anchors (DETR). `"patch"`: one query per patch
+    token, its content the token, its anchor the patch centre (encoder-token queries as in two-stage Deformable DETR)."""
     def __init__(self, in_dim: int, n_classes: int, n_taps: int = 1, queries: int = 100, layers: int = 6, width: int = 256,
-                 heads: int = 8, ffn: int | None = None, dropout: float = 0.1):
+                 heads: int = 8, ffn: int | None = None, dropout: float = 0.1, query_mode: str = "learned", box_size: float = 0.0):
         super().__init__()
-        self.n_classes = n_classes
+        if query_mode not in ("learned", "patch"): raise ValueError(f"query_mode must be 'learned' or 'patch', got {query_mode!r}")
+        if not 0 <= box_size < 1: raise ValueError(f"box_size (initial box side, fraction of the input) must be in [0, 1), got {box_size}")
+        self.n_classes, self.query_mode, self.box_size = n_classes, query_mode, float(box_size)
         self.proj = nn.Sequential(nn.Linear(in_dim * n_taps, width), nn.LayerNorm(width))
         self.query = nn.Embedding(queries, width)
         layer = nn.TransformerDecoderLayer(width, heads, ffn or 4 * width, dropout, batch_first=True)
@@ -132,17 +136,24 @@ class DetrDecoder(nn.Module):
         self.cls = nn.Linear(width, n_classes + 1)
         self.box = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
         self.ref = nn.Parameter(torch.rand(queries, 2) * 0.8 + 0.1)   # each query's learned anchor (cx, cy)
+        if box_size:   # box head starts at its anchor: every first box is a box_size square at the anchor
+            nn.init.zeros_(self.box[-1].weight); nn.init.zeros_(self.box[-1].bias)
 
     def forward(self, feats: torch.Tensor) -> dict:
         "(B, taps, h, w, D) patch tokens → {logits (B, Q, C+1), boxes (B, Q, 4) cx cy w h in [0, 1], aux: earlier layers'}."
         B, L, h, w, D = feats.shape
         mem = self.proj(feats.permute(0, 2, 3, 1, 4).reshape(B, h * w, L * D))
         mem = mem + sine_position_2d(h, w, mem.shape[-1]).to(mem)
-        x, outs = self.query.weight[None].expand(B, -1, -1), []
+        if self.query_mode == "patch":
+            y, x = torch.meshgrid((torch.arange(h) + .5) / h, (torch.arange(w) + .5) / w, indexing="ij")
+            ref, x = torch.stack([x.flatten(), y.flatten()], 1).to(mem), mem
+        else: ref, x = self.ref, self.query.weight[None].expand(B, -1, -1)
+        outs = []
         for layer in self.decoder.layers:
             x = layer(x, mem); outs.append(self.decoder.norm(x))
         hs = torch.stack(outs)
-        ref = torch.cat([torch.logit(self.ref.clamp(1e-4, 1 - 1e-4)), torch.zeros_like(self.ref)], 1)
+        ref = torch.cat([ref, torch.full_like(ref, self.box_size or 0.5)], 1)
+        ref = torch.logit(ref.clamp(1e-4, 1 - 1e-4))
         logits, boxes = self.cls(hs), (self.box(hs) + ref).sigmoid()
         return dict(logits=logits[-1], boxes=boxes[-1], aux=[dict(logits=l, boxes=b) for l, b in zip(logits[:-1], boxes[:-1])])
 
@@ -166,6 +177,8 @@ class DetrConfig:
     w_giou: float = 2.0
     eos_coef: float = 0.1          # CE weight of the "no object" class
     aux_loss: bool = True
+    query_mode: str = "learned"    # learned queries (DETR) | patch: one query per patch token, anchored at its centre
+    box_size: float = 0.0          # initial box side (fraction of the input) with a zero-initialised box head; 0: DETR's init
 
 DETR_PRESETS = {"detr": DetrConfig(), "xr0": DetrConfig(epochs=90, batch_size=4, lr=1e-5)}
 

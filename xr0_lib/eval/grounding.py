@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import resource
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,12 +21,12 @@ from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 from ..data.manifest import read_image
 from ..models.backbones import preprocess_config
 from .embeddings import frozen_patch_grids
-from .metrics import bootstrap_indices, percentile_ci
+from .metrics import bootstrap_indices, paired_difference, percentile_ci
 
 # %% auto #0
-__all__ = ['GROUNDING_FINDINGS', 'TRAINABLE', 'grounding_pairs', 'pair_iou', 'grounding_metrics', 'finding_mean_boxes',
-           'finding_mean_predict', 'GroundingModel', 'grounding_inputs', 'GroundConfig', 'grounding_loss',
-           'train_grounding', 'predict_grounding']
+__all__ = ['GROUNDING_FINDINGS', 'TRAINABLE', 'grounding_pairs', 'pair_iou', 'grounding_metrics', 'grounding_delta',
+           'finding_mean_boxes', 'finding_mean_predict', 'GroundingModel', 'grounding_inputs', 'GroundConfig',
+           'grounding_loss', 'train_grounding', 'predict_grounding', 'benchmark_grounding']
 
 # %% ../../nbs/58f_eval.grounding.ipynb #06bcecdf
 GROUNDING_FINDINGS = {"cardiomegaly": ("cardiomegaly", "cardiac silhouette", "heart"), "pleural_effusion": ("effusion",),
@@ -94,6 +96,19 @@ def grounding_metrics(pred, target, groups=None, n_boot: int = 500, seed: int = 
         reps = np.array([v[np.asarray(i, int)].mean() for i in boot])
         lo, hi = percentile_ci(reps, confidence)
         recs.append(dict(metric=name, value=float(v.mean()), ci_low=float(lo), ci_high=float(hi), n=len(iou)))
+    return pd.DataFrame(recs)
+
+# %% ../../nbs/58f_eval.grounding.ipynb #95ce2641
+def grounding_delta(pred, reference, target, groups=None, n_boot: int = 500, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
+    "Tidy rows (metric; delta = pred − reference, delta_ci_low, delta_ci_high, delta_p, n) on shared study resamples."
+    a, b = pair_iou(pred, target), pair_iou(reference, target)
+    if not len(a): raise ValueError("grounding_delta: no samples")
+    boot, recs = bootstrap_indices(len(a), n_boot, seed, groups), []
+    for name, f in (("acc@0.5", lambda v: (v > 0.5).astype(float)), ("miou", lambda v: v)):
+        va, vb = f(a), f(b)
+        d = paired_difference([va[np.asarray(i, int)].mean() for i in boot], [vb[np.asarray(i, int)].mean() for i in boot], confidence)
+        recs.append(dict(metric=name, delta=float(va.mean() - vb.mean()), delta_ci_low=d["ci_low"], delta_ci_high=d["ci_high"],
+                         delta_p=d["pvalue"], n=len(a)))
     return pd.DataFrame(recs)
 
 # %% ../../nbs/58f_eval.grounding.ipynb #98fd9b30
@@ -249,3 +264,36 @@ def predict_grounding(model: GroundingModel, text_model, tokenizer, data: dict, 
         txt, am = _text_tokens(text_model, tokenizer, [data["phrases"][i] for i in s], max_length)
         out.append(box_convert(model(_patches(data, torch.as_tensor(data["index"][s.numpy()]), backbone, data["patches"] is None), txt, am), "cxcywh", "xyxy"))
     return torch.cat(out).numpy() if out else np.zeros((0, 4))
+
+# %% ../../nbs/58f_eval.grounding.ipynb #d1e8b84b
+def benchmark_grounding(grid: int = 16, image_dim: int = 384, text_hidden: int = 768, text_layers: int = 12, seq_len: int = 32,
+                        layers: int = 6, width: int = 256, batch_size: int = 32, trainable: str = "fusion", steps: int = 3,
+                        device: str = "cpu") -> dict:
+    "Seconds per grounding training step and per predicted batch, samples/s and peak memory for the given shapes."
+    from transformers import BertConfig, BertModel   # only the benchmark builds a BERT here: seconds of transformers import the metrics never need
+    dev = torch.device(device)
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=text_hidden, num_hidden_layers=text_layers, num_attention_heads=max(1, text_hidden // 64),
+                                intermediate_size=4 * text_hidden), add_pooling_layer=False).to(dev)
+    gm = GroundingModel(image_dim, text_hidden, width=width, layers=layers, heads=max(1, width // 64)).to(dev)
+    cfg = GroundConfig(layers=layers, width=width, trainable=trainable)
+    opt = torch.optim.AdamW(_params(gm, bert, None, cfg), weight_decay=cfg.weight_decay)
+    x = torch.randn(batch_size, grid, grid, image_dim, device=dev)
+    ids = torch.randint(5, 30522, (batch_size, seq_len), device=dev); am = torch.ones_like(ids)
+    tgt = torch.tensor([[0.2, 0.3, 0.6, 0.7]], device=dev).expand(batch_size, 4)
+    def step():
+        with torch.set_grad_enabled(trainable in ("fusion+text", "all")): t = bert(input_ids=ids, attention_mask=am).last_hidden_state
+        loss = grounding_loss(gm(x, t, am), tgt); opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+    @torch.no_grad()
+    def predict(): gm(x, bert(input_ids=ids, attention_mask=am).last_hidden_state, am)
+    out = dict(grid=grid, image_dim=image_dim, text_hidden=text_hidden, text_layers=text_layers, layers=layers, width=width,
+               batch_size=batch_size, trainable=trainable, device=str(dev))
+    for name, fn in (("train", step), ("predict", predict)):
+        times = []
+        for _ in range(steps + 1):
+            t0 = time.perf_counter(); fn()
+            if dev.type == "cuda": torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        sec = float(np.median(times[1:]))
+        out[f"{name}_seconds_per_step"], out[f"{name}_samples_per_s"] = round(sec, 4), round(batch_size / sec, 1)
+    out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return out

@@ -121,6 +121,8 @@ class ReportGenConfig:
     top_p: float = 0.9
     max_new_tokens: int = 150
     val_max: int | None = 64        # validation reports decoded per epoch for checkpoint selection (None: all)
+    val_every: int = 1              # decode the validation reports every val_every epochs (and after the last)
+    aux_weight: float = 0.0         # > 0 with a `labeller`: + aux_weight x cross-entropy of report-derived labels from the mean projected token
     standardize: bool = True        # z-score each visual feature with the training tokens' mean/sd (saved with the projector)
     seed: int = 0
     def __post_init__(self):
@@ -252,13 +254,28 @@ def pretrain_lm(lm, tokenizer, texts, epochs: int = 5, batch_size: int = 16, lr:
 def _trainable(model) -> dict:
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
-def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None, val_texts=None, show_progress: bool = False) -> list[dict]:
+def _aux_heads(texts, labeller, dim: int):
+    "Report-derived targets (N, K) (-1: not stated) of every labeller key and one linear head per key on `dim` features."
+    lab = [labeller(t) for t in texts]; keys = sorted(lab[0])
+    cls = {k: sorted({str(x[k]) for x in lab if x[k] is not None}) for k in keys}
+    keys = [k for k in keys if len(cls[k]) > 1]                 # a constant label teaches nothing
+    y = torch.tensor([[cls[k].index(str(x[k])) if x[k] is not None else -1 for k in keys] for x in lab], dtype=torch.long)
+    return y.reshape(len(texts), len(keys)), nn.ModuleList([nn.Linear(dim, len(cls[k])) for k in keys])
+
+def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None, val_texts=None, show_progress: bool = False,
+                       labeller=None) -> list[dict]:
     """Train `model` on visual tokens (N, T, D) and report texts; with validation data keep the epoch with the best
-    mean(BLEU-4, CIDEr) on greedy decodes (its weights are loaded at the end). Returns the per-epoch history."""
+    mean(BLEU-4, CIDEr) on greedy decodes (its weights are loaded at the end). With `labeller` (text → dict) and
+    `cfg.aux_weight` > 0, linear heads on the mean projected token also learn the labels read from each training report.
+    Returns the per-epoch history."""
     cfg, tk = model.cfg, model.tokenizer
     if len(visual) != len(texts): raise ValueError(f"{len(visual)} visual token sets for {len(texts)} reports")
     texts = list(texts); rng = np.random.default_rng(cfg.seed); torch.manual_seed(cfg.seed)
     groups = [dict(params=list(model.projector.parameters()), lr=cfg.lr)]
+    aux = labeller is not None and cfg.aux_weight > 0
+    if aux:   # training-only heads: they shape the projector, and are not part of the saved generator
+        Y, heads = _aux_heads(texts, labeller, model.lm.get_input_embeddings().weight.shape[1])
+        if len(heads): groups.append(dict(params=list(heads.parameters()), lr=cfg.lr))
     lm_p = [p for p in model.lm.parameters() if p.requires_grad]
     if lm_p: groups.append(dict(params=lm_p, lr=cfg.lr_lm))
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
@@ -271,9 +288,13 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
         model.train(); losses, t0 = [], time.perf_counter()
         for sel, ids, am in _text_batches(tk, texts, cfg.max_length, cfg.batch_size, rng):
             loss = model(V[sel], ids, am).loss
+            if aux:
+                z = model.projector(V[sel]).mean(1)
+                ce = [nn.functional.cross_entropy(hd(z), Y[sel, j], ignore_index=-1) for j, hd in enumerate(heads) if (Y[sel, j] >= 0).any()]
+                if ce: loss = loss + cfg.aux_weight * torch.stack(ce).mean()
             opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
         h = dict(epoch=ep + 1, loss=float(np.mean(losses)), seconds=round(time.perf_counter() - t0, 2))
-        if val_visual is not None and len(val_visual):
+        if val_visual is not None and len(val_visual) and ((ep + 1) % cfg.val_every == 0 or ep + 1 == cfg.epochs):
             n = len(val_visual) if cfg.val_max is None else min(cfg.val_max, len(val_visual))
             sc = corpus_scores(report_stats(generate_reports(model, val_visual[:n], decoding="greedy"), list(val_texts)[:n]))
             h.update(val_bleu4=sc["bleu4"], val_cider=sc["cider"], selection=(sc["bleu4"] + sc["cider"]) / 2)

@@ -6,21 +6,21 @@
 __all__ = ['PATCH_SIZE', 'BACKBONES', 'BackboneSpec', 'DinoVisionTransformer', 'backbone_spec', 'create_backbone',
            'interpolate_pos_embed', 'add_registers', 'backbone_from_state_dict', 'hf_pos_interp', 'hf_to_xr0',
            'infer_spec', 'load_backbone_file', 'load_hf_backbone', 'official_to_xr0', 'timm_to_xr0', 'xr0_to_hf',
-           'xr0_to_official', 'xr0_to_timm', 'ModelConfig', 'build_backbone', 'export_hf', 'load_backbone',
-           'preprocess_config', 'save_backbone', 'InferenceBackbone', 'benchmark_backbone_throughput',
+           'xr0_to_official', 'xr0_to_timm', 'ModelConfig', 'backbone_labels', 'build_backbone', 'export_hf',
+           'load_backbone', 'preprocess_config', 'save_backbone', 'InferenceBackbone', 'benchmark_backbone_throughput',
            'fold_layer_scale', 'inference_model', 'DINOHead', 'HeadsConfig', 'head_preset', 'make_heads']
 
 # %% ../../nbs/29_models.ipynb #5edc96d6
 from .vit import PATCH_SIZE, BACKBONES, BackboneSpec, DinoVisionTransformer, backbone_spec, create_backbone, interpolate_pos_embed
 from .interop import (add_registers, backbone_from_state_dict, hf_pos_interp, hf_to_xr0, infer_spec, load_backbone_file,
                                     load_hf_backbone, official_to_xr0, timm_to_xr0, xr0_to_hf, xr0_to_official, xr0_to_timm)
-from .backbones import ModelConfig, build_backbone, export_hf, load_backbone, preprocess_config, save_backbone
+from .backbones import ModelConfig, backbone_labels, build_backbone, export_hf, load_backbone, preprocess_config, save_backbone
 from .inference import InferenceBackbone, benchmark_backbone_throughput, fold_layer_scale, inference_model
 from .heads import DINOHead, HeadsConfig, head_preset, make_heads
 
 _all_ = ["PATCH_SIZE", "BACKBONES", "BackboneSpec", "DinoVisionTransformer", "backbone_spec", "create_backbone", "interpolate_pos_embed",
          "add_registers", "backbone_from_state_dict", "hf_pos_interp", "hf_to_xr0", "infer_spec", "load_backbone_file",
          "load_hf_backbone", "official_to_xr0", "timm_to_xr0", "xr0_to_hf", "xr0_to_official", "xr0_to_timm",
-         "ModelConfig", "build_backbone", "export_hf", "load_backbone", "preprocess_config", "save_backbone",
+         "ModelConfig", "backbone_labels", "build_backbone", "export_hf", "load_backbone", "preprocess_config", "save_backbone",
          "InferenceBackbone", "benchmark_backbone_throughput", "fold_layer_scale", "inference_model",
          "DINOHead", "HeadsConfig", "head_preset", "make_heads"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json, warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from .vit import PATCH_SIZE, BACKBONES, DinoVisionTransformer, backbone_spec, cr
 from .interop import add_registers, hf_pos_interp, load_backbone_file, load_hf_backbone, xr0_to_hf
 
 # %% auto #0
-__all__ = ['preprocess_config', 'save_backbone', 'load_backbone', 'ModelConfig', 'build_backbone', 'export_hf']
+__all__ = ['preprocess_config', 'save_backbone', 'load_backbone', 'ModelConfig', 'build_backbone', 'backbone_labels', 'export_hf']
 
 # %% ../../nbs/23_models.backbones.ipynb #99d122fd
 def preprocess_config(backbone: nn.Module) -> dict:
@@ -114,6 +115,23 @@ def build_backbone(cfg: ModelConfig, img_size: int | None = None, seed: int | No
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+# %% ../../nbs/23_models.backbones.ipynb #89e0c4c1
+def backbone_labels(backbones: Sequence[str | Path]) -> dict[str, str]:
+    "A unique short label for each backbone name or path: its last component, prefixed by the nearest differing ancestor on a clash."
+    specs = [str(b) for b in backbones]
+    if len(set(specs)) < len(specs):
+        raise ValueError(f"backbones: {sorted({s for s in specs if specs.count(s) > 1})} given more than once")
+    parts = {s: Path(s).parts or (s,) for s in specs}
+    labels = {s: parts[s][-1] for s in specs}
+    for name in {v for v in labels.values() if list(labels.values()).count(v) > 1}:
+        group = [s for s in specs if labels[s] == name]
+        for d in range(2, max(len(parts[s]) for s in group) + 1):
+            anc = [parts[s][-d] if len(parts[s]) >= d else "" for s in group]
+            if len(set(anc)) == len(anc):
+                labels.update({s: f"{a}/{name}" if a else name for s, a in zip(group, anc)}); break
+        else: labels.update({s: s for s in group})   # no single ancestor tells them apart: the whole path
+    return labels
 
 # %% ../../nbs/23_models.backbones.ipynb #f74a18f2
 def export_hf(backbone: DinoVisionTransformer, folder: str | Path) -> Path:

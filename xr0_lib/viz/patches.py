@@ -5,6 +5,7 @@
 # %% ../../nbs/60_viz.patches.ipynb #2124e220
 from __future__ import annotations
 import json, time
+from itertools import combinations
 from typing import Literal, NamedTuple, Sequence
 
 import numpy as np
@@ -16,7 +17,8 @@ from sklearn.decomposition import PCA
 # %% auto #0
 __all__ = ['as_numpy', 'patch_brightness', 'PCAPatchMap', 'pca_patch_map', 'pixel_patch_grid', 'cls_attention_maps',
            'to_patch_grid', 'grid_size', 'patch_features', 'attention_maps', 'patch_embedding_similarity',
-           'patch_similarity', 'box_patch_mask', 'region_contrast', 'region_visibility', 'benchmark_patches']
+           'patch_similarity', 'box_patch_mask', 'region_contrast', 'region_visibility', 'mask_patch_labels',
+           'tissue_separation', 'benchmark_patches']
 
 # %% ../../nbs/60_viz.patches.ipynb #e5f9894a
 def as_numpy(x, name: str = "array", ndim: int | Sequence[int] | None = None) -> np.ndarray:
@@ -221,6 +223,41 @@ def region_visibility(maps, regions, foreground, n_decoys: int = 100, seed: int 
     p = float((1 + (dec >= c).sum()) / (1 + len(dec))) if np.isfinite(c) and len(dec) else float("nan")
     return dict(in_foreground=float(fg[r].mean()), contrast=c, decoy_mean=float(dec.mean()) if len(dec) else float("nan"),
                 decoy_p95=p95, p_value=p, visible=bool(np.isfinite(c) and c > p95))
+
+# %% ../../nbs/60_viz.patches.ipynb #489e3f74
+def mask_patch_labels(masks, grid_hw: tuple[int, int], groups: dict[str, Sequence[int]]) -> np.ndarray:
+    "Majority group of each patch cell: label maps (B,H,W) of any size -> (B,h,w) ints, i = the i-th group of `groups` (1-based), 0 = none."
+    m = np.asarray(masks)
+    if m.ndim == 2: m = m[None]
+    if m.ndim != 3: raise ValueError(f"masks: expected label maps (B, H, W), got shape {m.shape}")
+    if not groups: raise ValueError("groups: give at least one tissue group {name: [label values]}")
+    h, w = grid_hw
+    values = [int(v) for vs in groups.values() for v in vs]
+    lut = np.zeros(max(max(values), int(m.max(initial=0))) + 1, np.int64)
+    for i, vs in enumerate(groups.values(), 1): lut[list(vs)] = i
+    B, H, W = m.shape
+    cell = (np.arange(H) * h // H)[:, None] * w + (np.arange(W) * w // W)[None, :]   # the patch cell of each pixel
+    counts = np.zeros((B, h * w, len(groups) + 1), np.int64)
+    for b in range(B): np.add.at(counts[b], (cell.ravel(), lut[m[b].ravel()]), 1)
+    return counts.argmax(-1).reshape(B, h, w)
+
+def tissue_separation(maps, labels, names: Sequence[str] | None = None) -> dict:
+    "How far apart the labelled tissues (labels (B,h,w), 0 = unlabelled) sit in `maps` (B,h,w,C): pairwise `region_contrast`, pooled and per image."
+    a = as_numpy(maps, "maps", (3, 4))
+    if a.ndim == 3: a = a[..., None]
+    lab = np.asarray(labels)
+    if lab.shape != a.shape[:3]: raise ValueError(f"labels shape {lab.shape} does not match maps {a.shape[:3]}")
+    ids = [int(i) for i in np.unique(lab) if i != 0]
+    if len(ids) < 2: raise ValueError(f"labels: need at least two tissues present, found {ids}")
+    name = lambda i: names[i - 1] if names is not None else str(i)
+    pairs, per_image = {}, np.full(len(a), np.nan)
+    for i, j in combinations(ids, 2):
+        pairs[f"{name(i)}|{name(j)}"] = region_contrast(a, lab == i, within=lab == j)
+    for b in range(len(a)):
+        vals = [region_contrast(a[b:b + 1], lab[b:b + 1] == i, within=lab[b:b + 1] == j) for i, j in combinations(ids, 2)]
+        vals = [v for v in vals if np.isfinite(v)]
+        if vals: per_image[b] = float(np.mean(vals))
+    return dict(mean=float(np.nanmean(list(pairs.values()))), pairs=pairs, per_image=per_image)
 
 # %% ../../nbs/60_viz.patches.ipynb #b579c21f
 def benchmark_patches(n_images: int = 8, grid: int = 37, dim: int = 384, seed: int = 0) -> dict:
