@@ -128,6 +128,7 @@ def test_boxes_follow_resize_pad_flip():
 def test_decoder_overfits_eight_phantom_images(phantom, mode):
     df = load_manifest(phantom)
     df = df[df.boxes.fillna("").str.contains("lead_marker")].iloc[:8]
+    torch.manual_seed(0)   # the random-init backbone is drawn from the global RNG: fix it, whatever ran before
     bb = load_backbone("xr0-vitp14", img_size=112)
     f, lbs, probs = detection_features(bb, df.abs_path.tolist())
     assert not probs and f.shape[:2] == (8, 1)
@@ -147,6 +148,7 @@ def test_patch_queries_localise_held_out_squares():
     for i in range(60):
         img = (rng.random((112, 112)) * 60).astype(np.uint8); x, y = rng.integers(0, 96, 2); img[y:y + 16, x:x + 16] = 230
         imgs.append(img); tg.append(dict(boxes=np.array([[x, y, x + 16, y + 16]], float), labels=np.array([0]), hw=(112, 112)))
+    torch.manual_seed(0)
     bb = load_backbone("xr0-vitp14", img_size=112)
     lbs = [letterbox((112, 112), 112)] * 60
     f = torch.stack(frozen_patch_grids(bb, (letterbox_image(im, 112) for im in imgs), (-1,), 16), 1)   # (60, 1, 8, 8, D)

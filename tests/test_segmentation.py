@@ -54,8 +54,10 @@ def test_dice_matches_monai_and_torchmetrics():
     np.testing.assert_allclose(mean_dice(ours), np.mean([np.nanmean(r) for r in ours]))
 
 
-def test_head_overfits_eight_phantom_images(phantom):
+@pytest.mark.parametrize("name, iters, goal", [("upernet", 100, 0.95), ("vitdet", 100, 0.9)])
+def test_head_overfits_eight_phantom_images(phantom, name, iters, goal):
     torch.set_num_threads(1)
+    torch.manual_seed(0)   # the random-init backbone is drawn from the global RNG: fix it, whatever test ran before
     bb = load_backbone("xr0-vitp14", img_size=56)
     task = SegTask("lh", label_column="mask_path", label_values={"lungs": [LABEL_ID["right_lung"], LABEL_ID["left_lung"]],
                                                                  "heart": LABEL_ID["heart"]}, **LUNG_HEART)
@@ -63,10 +65,10 @@ def test_head_overfits_eight_phantom_images(phantom):
     assert len(d) >= 8
     d8 = SegData(d.images[:8], d.masks[:8], d.image_ids[:8], d.classes)
     torch.manual_seed(0)
-    head = make_head("upernet", bb, 2, channels=32)
-    r = fit_segmentation(bb, head, d8, d8, SegConfig(lr=3e-3, max_iters=60, eval_every=20, early_stop=100))
-    assert r["best_val_dice"] > 0.95, r["history"]
-    assert mean_dice(dice_scores(predict_masks(bb, head, d8), d8.masks)) > 0.95
+    head = make_head(name, bb, 2, channels=32)
+    r = fit_segmentation(bb, head, d8, d8, SegConfig(lr=3e-3, max_iters=iters, eval_every=20, early_stop=100))
+    assert r["best_val_dice"] > goal, r["history"]
+    assert mean_dice(dice_scores(predict_masks(bb, head, d8), d8.masks)) > goal
 
 
 def _per_class_manifest(df: pd.DataFrame, root: Path, half: bool = False) -> pd.DataFrame:
@@ -187,19 +189,6 @@ def test_findings_task_reads_the_phantom_bit_map(phantom):
             assert np.array_equal(d.masks[k, c].numpy(), ((fm & FINDING_BITS[f]) > 0).astype(np.uint8)), (iid, f)
             if d.masks[k, c].any(): assert chest.loc[iid, f] == 1
     assert d.masks[:, 0].sum() > 0                       # some pneumothorax pixels in 160 images
-
-
-def test_vitdet_head_overfits_eight_phantom_images(phantom):
-    torch.set_num_threads(1)
-    bb = load_backbone("xr0-vitp14", img_size=56)
-    task = SegTask("lh", label_column="mask_path", label_values={"lungs": [LABEL_ID["right_lung"], LABEL_ID["left_lung"]],
-                                                                 "heart": LABEL_ID["heart"]}, **LUNG_HEART)
-    d = load_seg_data(phantom, task, preprocess_config(bb))
-    d8 = SegData(d.images[:8], d.masks[:8], d.image_ids[:8], d.classes)
-    torch.manual_seed(0)
-    head = make_head("vitdet", bb, 2, channels=32)
-    r = fit_segmentation(bb, head, d8, d8, SegConfig(lr=3e-3, max_iters=100, eval_every=20, early_stop=100))
-    assert r["best_val_dice"] > 0.9, r["history"]
 
 
 def test_fractions_use_nested_patient_level_subsets_and_saved_splits(phantom, tmp_path):
