@@ -210,3 +210,4 @@ def test_localisation_experiment_runs(tmp_path):
     assert {"task", "backbone", "metric", "value", "ci_low", "ci_high"} <= set(recs.columns)
     assert {"map50", "map", "miou"} <= set(recs.metric) and {"marker", "fracture"} == set(recs.task)
     assert (tmp_path / "loc" / "localisation.md").is_file() and res["figures"]
+    assert res["params"]["phantom_where"]["anatomy"] and set(res["box_sizes"]) == {"marker", "fracture"}   # limb studies only; box sizes in patches

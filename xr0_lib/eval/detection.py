@@ -21,8 +21,8 @@ from ..data.masks import parse_boxes
 
 # %% auto #0
 __all__ = ['DETR_PRESETS', 'resize_boxes', 'pad_boxes', 'flip_boxes', 'letterbox', 'to_input_frame', 'from_input_frame',
-           'letterbox_image', 'clean_boxes', 'detection_targets', 'sine_position_2d', 'DetrDecoder', 'DetrConfig',
-           'detr_config', 'hungarian_match', 'detr_loss']
+           'letterbox_image', 'clean_boxes', 'detection_targets', 'box_patch_sides', 'sine_position_2d', 'DetrDecoder',
+           'DetrConfig', 'detr_config', 'hungarian_match', 'detr_loss']
 
 # %% ../../nbs/58_eval.detection.ipynb #659aa43d
 def resize_boxes(boxes, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> np.ndarray:
@@ -107,6 +107,12 @@ def detection_targets(df: pd.DataFrame, classes: list[str], box_column: str = "b
         probs += [(i, getattr(row, "image_id", None), m) for m in p]
         targets.append(dict(boxes=boxes, labels=np.array([cls[l] for l in labels], np.int64), hw=tuple(int(v) for v in hw)))
     return targets, pd.DataFrame(probs, columns=["row", "image_id", "problem"])
+
+# %% ../../nbs/58_eval.detection.ipynb #0890c9ef
+def box_patch_sides(targets: list[dict], size: int, patch: int) -> np.ndarray:
+    "Each true box's shorter side, in patches of the `size`-px letterboxed input (targets: stored-pixel `boxes` and `hw`)."
+    sides = [to_input_frame(t["boxes"], letterbox(t["hw"], size))[:, 2:].min(1) * size / patch for t in targets if len(t["boxes"])]
+    return np.concatenate(sides) if sides else np.zeros(0)
 
 # %% ../../nbs/58_eval.detection.ipynb #58f48034
 def sine_position_2d(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:

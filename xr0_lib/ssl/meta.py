@@ -99,6 +99,9 @@ class _StudentTeacher(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self.teacher.eval()
+        if mode:   # a BatchNorm head (use_bn) normalises the teacher by its own batch, as in DINO, whose teacher trains in train mode
+            for m in self.teacher.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm): m.train()
         if self.gram_teacher is not None: self.gram_teacher.eval()
         return self
 
