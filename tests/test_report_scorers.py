@@ -106,7 +106,7 @@ def test_a_pickled_object_is_refused_and_never_run(folder, tmp_path):
 def test_missing_and_wrong_files_are_named(folder, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no \[weights\] chexbert entry.*chexbert.pth.*vocab.txt"):
         load_chexbert(settings=NO_SETTINGS)
-    with pytest.raises(FileNotFoundError, match="neither a folder nor a"): load_chexbert(tmp_path / "nowhere", settings=NO_SETTINGS)
+    with pytest.raises(FileNotFoundError, match=r"nowhere.: no such folder and no \[weights\] name"): load_chexbert(tmp_path / "nowhere", settings=NO_SETTINGS)
     s = get_settings(env={"XR0_WEIGHT_CHEXBERT": str(tmp_path / "gone")})
     with pytest.raises(FileNotFoundError, match=r"\[weights\] chexbert = .*gone is not a folder"): load_chexbert(settings=s)
     assert chexbert_folder(settings=get_settings(env={"XR0_WEIGHT_CHEXBERT": str(folder)})) == folder

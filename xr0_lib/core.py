@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #742a2b02
 from __future__ import annotations
-import configparser, contextlib, dataclasses, difflib, errno, os, random, stat, tempfile, types, typing, warnings
+import configparser, contextlib, dataclasses, difflib, errno, json, os, random, stat, tempfile, types, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args, get_origin
@@ -15,10 +15,10 @@ import yaml
 from tqdm.auto import tqdm
 
 # %% auto #0
-__all__ = ['Precision', 'SettingsError', 'Settings', 'find_settings_file', 'get_settings', 'ConfigError', 'config_from_dict',
-           'config_to_dict', 'parse_overrides', 'load_config', 'save_config', 'seed_everything', 'select_device',
-           'precision_dtype', 'native_bf16', 'resolve_precision', 'autocast', 'progress', 'OutputError', 'disk_error',
-           'check_writable', 'file_kind']
+__all__ = ['Precision', 'SettingsError', 'Settings', 'find_settings_file', 'get_settings', 'local_weights', 'refuse_remote_code',
+           'ConfigError', 'config_from_dict', 'config_to_dict', 'parse_overrides', 'load_config', 'save_config',
+           'seed_everything', 'select_device', 'precision_dtype', 'native_bf16', 'resolve_precision', 'autocast',
+           'progress', 'OutputError', 'disk_error', 'check_writable', 'file_kind']
 
 # %% ../nbs/00_core.ipynb #ec8f403d
 class SettingsError(RuntimeError):
@@ -120,6 +120,24 @@ def _warn_unknown_env(env) -> None:
         if ev in known or ev.startswith((_env_var_name("weights", ""), _env_var_name("datasets", ""))): continue
         near = difflib.get_close_matches(ev, sorted(known), n=1)
         warnings.warn(f"environment variable {ev} is not an xr0 setting" + (f"; did you mean {near[0]}?" if near else ""), stacklevel=3)
+
+# %% ../nbs/00_core.ipynb #be64ffaf
+def local_weights(path, what: str, settings: Settings | None = None) -> Path:
+    "The folder `path`, or the one its `[weights]` name points to; otherwise a FileNotFoundError naming `what` and the known names."
+    p = Path(str(path)).expanduser()
+    if p.exists(): return p
+    s = settings or get_settings()
+    if str(path) not in s.weights:
+        raise FileNotFoundError(f"{what} {str(path)!r}: no such folder and no [weights] name in {s.file or 'settings.ini'} ({sorted(s.weights)})")
+    return Path(s.weights[str(path)]).expanduser()
+
+def refuse_remote_code(folder, what: str) -> None:
+    "Raise when `folder`'s config.json or tokenizer_config.json has an `auto_map`: its code needs trust_remote_code, which xr0 never enables."
+    for f in ("config.json", "tokenizer_config.json"):
+        fp = Path(folder) / f
+        if fp.is_file() and "auto_map" in json.loads(fp.read_text()):
+            raise ValueError(f"{what} folder {folder}: {f} has an auto_map, i.e. needs trust_remote_code, which xr0 never enables")
+
 
 # %% ../nbs/00_core.ipynb #979321d2
 class ConfigError(ValueError):

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from ..core import get_settings, progress
+from ..core import local_weights, progress, refuse_remote_code
 from ..models.vit import create_backbone
 from .embeddings import extract_embeddings
 from .text import ReportError, preprocess_report
@@ -66,15 +66,9 @@ def small_lm(tokenizer, n_layer: int = 2, n_embd: int = 128, n_head: int = 4, n_
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
 
 def _lm_folder(path) -> Path:
-    p = Path(str(path)).expanduser()
-    if not p.exists():
-        w = get_settings().weights
-        if str(path) not in w: raise FileNotFoundError(f"language model {str(path)!r}: no such folder and no [weights] name in settings.ini ({sorted(w)})")
-        p = Path(w[str(path)]).expanduser()
+    p = local_weights(path, "language model")
     if not (p / "config.json").is_file(): raise FileNotFoundError(f"language model folder {p}: no config.json (not a Hugging Face folder)")
-    for f in ("config.json", "tokenizer_config.json"):
-        if (p / f).is_file() and "auto_map" in json.loads((p / f).read_text()):
-            raise ValueError(f"language model folder {p}: {f} has an auto_map, i.e. needs trust_remote_code, which xr0 never enables")
+    refuse_remote_code(p, "language model")
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise FileNotFoundError(f"language model folder {p}: no tokenizer ({' / '.join(_TOKENIZER_FILES)}); save the tokenizer beside the weights")
     return p

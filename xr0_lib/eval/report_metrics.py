@@ -4,7 +4,6 @@
 
 # %% ../../nbs/58d_eval.report_metrics.ipynb #75ab1fae
 from __future__ import annotations
-import json
 import pickle
 import re
 from collections import Counter
@@ -21,7 +20,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from safetensors.torch import load_file as load_safetensors, save_file as save_safetensors
 from sklearn.metrics import f1_score
 
-from ..core import get_settings
+from ..core import get_settings, local_weights, refuse_remote_code
 from .metrics import bootstrap_indices, paired_delta, percentile_ci
 
 # %% auto #0
@@ -192,22 +191,20 @@ _CHEXBERT_HELP = ("a CheXbert folder holds chexbert.pth (StanfordAIMI/RRG_scorer
 def chexbert_folder(path=None, settings=None) -> Path:
     "The checked CheXbert folder: `path` (a folder or a `[weights]` name) or, with None, `[weights] chexbert`."
     s = settings or get_settings()
-    name = "chexbert" if path is None else str(path)
-    p = Path(name).expanduser()
-    if path is None or not p.exists():
-        if name not in s.weights:
-            what = "no [weights] chexbert entry" if path is None else f"{name!r} is neither a folder nor a [weights] name"
-            raise FileNotFoundError(f"CheXbert weights: {what} in {s.file or 'settings.ini'}; {_CHEXBERT_HELP}")
-        p = Path(s.weights[name]).expanduser()
-        if not p.is_dir(): raise FileNotFoundError(f"CheXbert weights: [weights] {name} = {p} is not a folder; {_CHEXBERT_HELP}")
+    if path is None:   # the settings entry itself, never a folder that happens to be called "chexbert" here
+        if "chexbert" not in s.weights:
+            raise FileNotFoundError(f"CheXbert weights: no [weights] chexbert entry in {s.file or 'settings.ini'}; {_CHEXBERT_HELP}")
+        p = Path(s.weights["chexbert"]).expanduser()
+        if not p.is_dir(): raise FileNotFoundError(f"CheXbert weights: [weights] chexbert = {p} is not a folder; {_CHEXBERT_HELP}")
+    else:
+        try: p = local_weights(path, "CheXbert weights", s)
+        except FileNotFoundError as e: raise FileNotFoundError(f"{e}; {_CHEXBERT_HELP}") from None
     if not p.is_dir(): raise FileNotFoundError(f"CheXbert weights: {p} is not a folder; {_CHEXBERT_HELP}")
     if not any((p / f).is_file() for f in CHEXBERT_CHECKPOINTS):
         raise FileNotFoundError(f"CheXbert folder {p}: no checkpoint ({' / '.join(CHEXBERT_CHECKPOINTS)}); {_CHEXBERT_HELP}")
     if not any((p / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
         raise FileNotFoundError(f"CheXbert folder {p}: no tokenizer (vocab.txt / tokenizer.json); {_CHEXBERT_HELP}")
-    for f in ("config.json", "tokenizer_config.json"):   # remote code is never run, so a folder that needs it is refused
-        if (p / f).is_file() and "auto_map" in json.loads((p / f).read_text()):
-            raise ValueError(f"CheXbert folder {p}: {f} has an auto_map (needs trust_remote_code, which xr0 never enables)")
+    refuse_remote_code(p, "CheXbert")
     return p
 
 # %% ../../nbs/58d_eval.report_metrics.ipynb #e4c1ce37

@@ -14,7 +14,7 @@ import torch
 from tokenizers import BertWordPieceTokenizer
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
 
-from ..core import get_settings
+from ..core import local_weights
 
 # %% auto #0
 __all__ = ['ReportError', 'preprocess_report', 'short_report_pairs', 'TextConfig', 'load_text_encoder', 'text_encoder',
@@ -92,12 +92,7 @@ class TextConfig:
 
 def load_text_encoder(path: str | Path) -> tuple:
     "(tokenizer, model) from a local Hugging Face folder or a `[weights]` name; never a download or remote code."
-    p = Path(path).expanduser()
-    if not p.exists():
-        weights = get_settings().weights
-        if str(path) not in weights:
-            raise FileNotFoundError(f"text encoder {str(path)!r}: no such folder and no [weights] name in settings.ini ({sorted(weights)})")
-        p = Path(weights[str(path)]).expanduser()
+    p = local_weights(path, "text encoder")
     if not (p / "config.json").is_file(): raise FileNotFoundError(f"{p}: not a Hugging Face folder (no config.json)")
     tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     model = AutoModel.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
