@@ -92,3 +92,45 @@ def test_failures_are_reported_and_the_rest_runs(tmp_path, monkeypatch):
     assert t.loc[("chexpert", "retrieval", "—"), "xr0-vitp14"].startswith("missing: data set not configured")
     assert t.loc[("ph", "typo", "—"), "xr0-vitp14"].startswith("missing: failed")
     assert CELL.match(t.loc[("ph", "anatomy", "P@5"), "xr0-vitp14"])
+
+
+def _kept(out: Path) -> dict:
+    "Every embedding and kept-result file of a matrix run's shared cache, with its modification time."
+    return {p.relative_to(out): p.stat().st_mtime_ns for p in (out / "cache").rglob("*") if p.suffix == ".npz" or p.name.endswith(".npy")}
+
+
+def test_adding_a_backbone_trains_only_it_and_gives_the_joint_tables(tmp_path):
+    """A finished [A, B] run plus backbone C: only C is embedded and only C's probes, box decoders, segmentation heads and grounding models are trained (the
+    other files are not rewritten; one torn entry of A is found and redone), and every table, CI and paired difference
+    equals that of one joint [A, B, C] run."""
+    from xr0_lib.matrix import _CI_TASKS, paired_table
+    tasks = {t: _CI_TASKS[t] for t in ("retrieval", "classification", "localisation", "grounding", "segmentation")}
+    suite = {"name": "grow", "defaults": {"n_boot": 20},
+             "datasets": {"phantom": {"phantom": {"n_images": 120, "image_size": 56, "seed": 0}, "params": {"image_size": 56}, "tasks": tasks}}}
+    a_b, a_b_c = BACKBONES, BACKBONES + ["xr0-vitt14"]
+    joint, grown = tmp_path / "joint", tmp_path / "grown"
+    assert (run_matrix(suite, a_b_c, joint, reference=a_b[0]).status == "ok").all()
+    assert (run_matrix(suite, a_b, grown, reference=a_b[0]).status == "ok").all()
+    before = _kept(grown)
+    kept = sorted(p for p in before if p.parts[3:4] == ("results",) and p.name.startswith("probe-mlp"))
+    assert kept, sorted(before)[:5]
+    torn = grown / kept[0]; torn.write_bytes(torn.read_bytes()[:-64]); before.pop(kept[0])   # a partial entry: found and redone
+    status = run_matrix(suite, a_b_c, grown, reference=a_b[0])
+    assert (status.status == "ok").all(), status
+    after = _kept(grown)
+    assert {p: after[p] for p in before} == before, "files of A and B were rewritten: their work was redone"
+    assert kept[0] in after and "recomputing it" in (grown / "cells/phantom/classification/single/classification.ipynb").read_text()
+    new = set(after) - set(before) - {kept[0]}
+    # the new files: C's embeddings and probe scores in its own cache folder, its convergence curves, decoder and grounding runs
+    assert new and all("xr0-vitt14_" in p.parts[2] or p.name.startswith(("curve-", "detr-xr0-vitt14-", "ground-xr0-vitt14-", "seg-xr0-vitt14-")) for p in new), sorted(new)
+    assert sum(p.name.startswith("seg-") for p in new) == len(_CI_TASKS["segmentation"]["heads"]) * len(_CI_TASKS["segmentation"]["tasks"]), sorted(new)
+    assert any(p.name.startswith("probe-") for p in new) and any(p.name.startswith("detr-") for p in new)
+    assert sum(p.name.startswith("ground-") for p in new) == len(_CI_TASKS["grounding"].get("fractions", [0.1, 1.0])), sorted(new)
+    conv = _CI_TASKS["classification"]["convergence_seeds"]
+    assert sum(p.name.startswith("curve-") for p in new) == len(conv) * len(tasks["classification"]["tasks"])
+    ta, tb = matrix_results(joint), matrix_results(grown)
+    pd.testing.assert_frame_equal(ta, tb)
+    for name, t in matrix_tables(ta).items(): pd.testing.assert_frame_equal(t, matrix_tables(tb)[name])
+    p = paired_table(ta)
+    assert any("xr0-vitt14 − xr0-vitp14" in c for c in p.columns), list(p.columns)
+    pd.testing.assert_frame_equal(p, paired_table(tb))

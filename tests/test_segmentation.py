@@ -71,6 +71,24 @@ def test_head_overfits_eight_phantom_images(phantom, name, iters, goal):
     assert mean_dice(dice_scores(predict_masks(bb, head, d8), d8.masks)) > goal
 
 
+def test_upernet_fused_at_a_coarser_level_keeps_the_output_size_and_overfits(phantom):
+    "`fuse=2`: the FPN levels are fused on the ×2 grid (4× fewer pixels for the fusion conv); logits still at the input size."
+    from xr0_lib.eval.segmentation import UPerNetSegHead, default_layers
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    bb = load_backbone("xr0-vitp14", img_size=56)
+    task = SegTask("lh", label_column="mask_path", label_values={"lungs": [LABEL_ID["right_lung"], LABEL_ID["left_lung"]],
+                                                                 "heart": LABEL_ID["heart"]}, **LUNG_HEART)
+    d = load_seg_data(phantom, task, preprocess_config(bb))
+    d8 = SegData(d.images[:8], d.masks[:8], d.image_ids[:8], d.classes)
+    torch.manual_seed(0)
+    head = UPerNetSegHead(bb.embed_dim, 2, default_layers(len(bb.blocks)), channels=32, fuse=2)
+    feats = [torch.randn(3, bb.embed_dim, 4, 4)] * 4
+    assert head.fuse == 1 and head(feats, (56, 56)).shape == (3, 2, 56, 56)
+    r = fit_segmentation(bb, head, d8, d8, SegConfig(lr=3e-3, max_iters=100, eval_every=20, early_stop=100))
+    assert r["best_val_dice"] > 0.9, r["history"]
+
+
 def _per_class_manifest(df: pd.DataFrame, root: Path, half: bool = False) -> pd.DataFrame:
     "The lungs and heart of the phantom's label maps written as one binary PNG per class (optionally at half size)."
     (root / "cls").mkdir(exist_ok=True)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #742a2b02
 from __future__ import annotations
-import configparser, contextlib, dataclasses, difflib, errno, json, os, random, stat, tempfile, types, typing, warnings
+import ast, configparser, contextlib, dataclasses, difflib, errno, hashlib, importlib.util, json, os, random, re, stat, tempfile, types, typing, warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, get_args, get_origin
@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 __all__ = ['Precision', 'SettingsError', 'Settings', 'find_settings_file', 'get_settings', 'local_weights', 'refuse_remote_code',
            'ConfigError', 'config_from_dict', 'config_to_dict', 'parse_overrides', 'load_config', 'save_config',
            'seed_everything', 'select_device', 'precision_dtype', 'native_bf16', 'resolve_precision', 'autocast',
-           'progress', 'OutputError', 'disk_error', 'check_writable', 'file_kind']
+           'progress', 'OutputError', 'disk_error', 'check_writable', 'file_kind', 'digest', 'code_digest',
+           'cached_arrays']
 
 # %% ../nbs/00_core.ipynb #ec8f403d
 class SettingsError(RuntimeError):
@@ -361,3 +362,61 @@ def file_kind(path: str | Path) -> str:
     try: mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError): return "missing"
     return next((name for test, name in _KINDS if test(mode)), "special file")
+
+# %% ../nbs/00_core.ipynb #fc71a6ff
+def digest(*parts, size: int = 12) -> str:
+    "Hex content hash of `parts`: arrays by dtype, shape and bytes, bytes as they are, anything else as sorted JSON."
+    h = hashlib.blake2b(digest_size=size)
+    for p in parts:
+        if isinstance(p, torch.Tensor): p = p.detach().cpu().numpy()
+        if isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            if a.dtype == object: raise TypeError("digest: object arrays have no stable bytes; pass a list instead")
+            h.update(f"array|{a.dtype.str}|{a.shape}|".encode()); h.update(a.tobytes())
+        elif isinstance(p, (bytes, bytearray)): h.update(b"bytes|" + bytes(p))
+        else: h.update(b"json|" + json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+def code_digest(*modules: str) -> str:
+    "Hash of the code of modules (by name, not imported): their syntax trees, so comments, cell markers and layout do not count."
+    return digest(*[ast.dump(ast.parse(Path(importlib.util.find_spec(m).origin).read_text())) for m in modules])
+
+# %% ../nbs/00_core.ipynb #0dd11eaf
+def _entry_digest(arrays: dict) -> str: return digest(*[x for k in sorted(arrays) for x in (k, arrays[k])])
+
+def _read_entry(path: Path, key: str) -> tuple[dict | None, str]:
+    "The arrays of a cache entry, or None and why it cannot be used."
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = set(z.files)
+            if not {"__key__", "__digest__"} <= names: return None, "no key or digest (a partial or foreign file)"
+            if str(z["__key__"]) != key: return None, "it holds another key"
+            arrays = {k: z[k] for k in sorted(names) if not k.startswith("__")}
+            if str(z["__digest__"]) != _entry_digest(arrays): return None, "its content does not match its digest"
+        return arrays, ""
+    except Exception as e:   # a truncated zip, a bad CRC, an object array, a file that is not an npz: recompute
+        return None, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+def cached_arrays(folder: str | Path, name: str, key: dict, compute) -> dict[str, np.ndarray]:
+    "The arrays `compute()` returns for `key`, kept in `folder/results/NAME-HASH.npz`: read when intact, else computed and written atomically (a bad entry is recomputed with a warning)."
+    blob = json.dumps(key, sort_keys=True, default=str)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.")[:40] or "entry"
+    path = Path(folder) / "results" / f"{safe}-{digest(blob, size=10)}.npz"
+    if path.is_file():
+        got, why = _read_entry(path, blob)
+        if got is not None: return got
+        warnings.warn(f"result cache entry {path}: {why}; recomputing it")
+    out = compute()
+    if not isinstance(out, dict) or not out: raise TypeError(f"cached_arrays({name!r}): compute() must return a non-empty dict of arrays")
+    out = {str(k): np.asarray(v) for k, v in out.items()}
+    bad = [k for k, v in out.items() if k.startswith("__") or v.dtype == object]
+    if bad: raise TypeError(f"cached_arrays({name!r}): arrays {bad} are object arrays or use a reserved '__' name (no pickle in the cache)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f: np.savez(f, **out, __key__=np.array(blob), __digest__=np.array(_entry_digest(out)))
+        os.replace(tmp, path)
+    except OSError as e:   # a full or read-only disk: the numbers are still right, only not kept
+        tmp.unlink(missing_ok=True); warnings.warn(f"result cache entry {path} not written: {e}")
+    return out

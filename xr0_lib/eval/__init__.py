@@ -37,7 +37,7 @@ _MODULES = {
         "benchmark_alignment", "clip_loss", "encode_split", "load_aligner", "save_aligner", "train_alignment",
         "zero_shot_auroc"],
     "grounding": ["GROUNDING_FINDINGS", "GroundConfig", "GroundingModel", "TRAINABLE", "benchmark_grounding", "finding_mean_boxes",
-        "finding_mean_predict", "grounding_delta", "grounding_inputs", "grounding_loss", "grounding_metrics", "grounding_pairs",
+        "finding_mean_predict", "grounding_comparison", "grounding_delta", "grounding_inputs", "grounding_loss", "grounding_metrics", "grounding_pairs",
         "pair_iou", "predict_grounding", "train_grounding"],
     "detection": ["box_patch_sides", "DETR_PRESETS", "DetrConfig", "DetrDecoder", "clean_boxes", "detection_targets",
         "detr_config", "detr_loss", "flip_boxes", "from_input_frame", "hungarian_match", "letterbox", "letterbox_image",
@@ -50,7 +50,7 @@ _MODULES = {
         "corpus_scores", "load_chexbert", "optional_chexbert", "save_chexbert", "label_report", "most_common_report",
         "report_stats", "tokenize_report"],
     "report_gen": ["DEFAULT_PROMPT", "PrefixReportModel", "Projector", "ReportGenConfig", "benchmark_report_gen",
-        "generate_reports", "load_lm", "load_report_model", "pretrain_lm", "random_init_like", "report_targets", "save_lm",
+        "generate_reports", "load_lm", "load_report_model", "pretrain_lm", "random_init_like", "report_comparison", "report_targets", "save_lm",
         "save_report_model", "small_lm", "train_report_model", "train_report_tokenizer", "visual_tokens"],
     "gpu_bench": ["benchmark_fsdp_step", "benchmark_gpu"],
 }

@@ -12,7 +12,7 @@ import pandas as pd
 import matplotlib.pyplot as plt
 import torch.nn as nn
 
-from ..core import progress
+from ..core import cached_arrays, code_digest, digest, progress
 from ..data.manifest import fraction_subset, load_manifest
 from .embeddings import extract_embeddings
 from .metrics import bootstrap_indices, bootstrap_metric, paired_delta
@@ -69,8 +69,23 @@ def _fit_probe(probe, emb, tr, va, te, y, kind, seed, kw, n_classes):
         return fit_linear_protocol(sub(tr), y[tr], sub(va), y[va], kind, seed=seed, **kw).predict_proba(sub(te))
     raise ValueError(f"unknown probe {probe!r}; choose from {list(_TOKENS)}")
 
+# %% ../../nbs/55_eval.compare.ipynb #ac789b4b
+# the code that turns embeddings into test scores: a change to it makes kept scores stale
+_CODE = code_digest("xr0_lib.eval.compare", "xr0_lib.eval.probes")
+
+def _kept_fit(probe, emb, tr, va, te, y, kind, seed, kw, keep: bool):
+    "`_fit`, its test scores kept beside the backbone's cached embeddings (`core.cached_arrays`) when `keep`."
+    if not keep or "cache_dir" not in emb: return _fit(probe, emb, tr, va, te, y, kind, seed, kw)
+    # the embeddings by content (a patch grid, too large to hash on every call, by its cache folder and shape)
+    used = {t: [list(np.shape(emb[t])), Path(str(emb["cache_dir"])).name if t == "patch" else digest(np.asarray(emb[t]))]
+            for t in _TOKENS[probe]}
+    key = dict(what="probe test scores", probe=probe, embeddings=used, rows=digest(tr, va, te, y), kind=kind, seed=int(seed),
+               kwargs=kw, code=_CODE)
+    return cached_arrays(str(emb["cache_dir"]), f"probe-{probe}-seed{seed}", key,
+                         lambda: {"scores": _fit(probe, emb, tr, va, te, y, kind, seed, kw)})["scores"]
+
 def _score_group(df, tname, task, f, ss, embs, valid, split, probes, metrics, n_boot, boot_seed, fraction_dir,
-                 probe_kwargs, reference, seed_mean) -> list[dict]:
+                 probe_kwargs, reference, seed_mean, keep=False) -> list[dict]:
     "Tidy rows of one task × fraction over the seeds `ss` (scored together when `seed_mean`)."
     y, known, kind, _ = task_labels(df, task)
     use = known & valid
@@ -85,7 +100,7 @@ def _score_group(df, tname, task, f, ss, embs, valid, split, probes, metrics, n_
         if min(len(tr), len(va), len(te)) == 0:
             raise ValueError(f"task {tname!r}: {len(tr)} train / {len(va)} val / {len(te)} test rows with a label and an embedding")
         for p in probes:
-            for name, e in embs.items(): preds[p][name].append(_fit(p, e, tr, va, te, y, kind, s, probe_kwargs.get(p, {})))
+            for name, e in embs.items(): preds[p][name].append(_kept_fit(p, e, tr, va, te, y, kind, s, probe_kwargs.get(p, {}), keep))
     rows = []
     for p in probes:
         for m in metrics:
@@ -106,12 +121,14 @@ def compare_backbones(backbones: Mapping[str, str | Path | nn.Module], manifest,
                       n_boot: int = 500, boot_seed: int = 0, batch_size: int = 32,
                       cache_dir: str | Path | None = None, patch_pool: int | None = None, fraction_dir: str | Path | None = None,
                       probe_kwargs: Mapping[str, dict] | None = None, embeddings: Mapping[str, dict] | None = None,
-                      reference: str | None = None, seed_mean: bool = False,
+                      reference: str | None = None, seed_mean: bool = False, keep_scores: bool | None = None,
                       show_progress: bool | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Probe every backbone on every task × fraction × seed; → (tidy results with CIs, wide headline table).
     With `reference` (a backbone name), every other backbone's rows also carry its paired difference to it.
     With `seed_mean=True` the seeds of one task × fraction are scored together: one row per backbone × probe ×
-    metric whose value, CI and paired Δ are those of the mean over seeds (`seed="mean"`, `n_seeds`, `seed_sd`)."""
+    metric whose value, CI and paired Δ are those of the mean over seeds (`seed="mean"`, `n_seeds`, `seed_sd`).
+    `keep_scores` (default: when `cache_dir` is given) keeps each probe's test scores beside the backbone's cached
+    embeddings, so a later call with one more backbone trains only its probes (same numbers: `core.cached_arrays`)."""
     df = manifest if isinstance(manifest, pd.DataFrame) else load_manifest(manifest)
     if reference is not None and reference not in backbones:
         raise ValueError(f"reference backbone {reference!r} is not among {list(backbones)}")
@@ -133,7 +150,8 @@ def compare_backbones(backbones: Mapping[str, str | Path | nn.Module], manifest,
     rows = []
     for tname, f, ss in progress(groups, desc="compare", disable=None if show_progress is None else not show_progress):
         rows += _score_group(df, tname, tasks[tname], f, ss, embs, valid, split, probes, metrics, n_boot, boot_seed,
-                             fraction_dir, dict(probe_kwargs or {}), reference, seed_mean)
+                             fraction_dir, dict(probe_kwargs or {}), reference, seed_mean,
+                             cache_dir is not None if keep_scores is None else keep_scores)
     tidy = pd.DataFrame(rows)
     return tidy, paper_table(headline(tidy), rows="backbone", columns=("task", "metric", "probe", "fraction"), spread=None)
 

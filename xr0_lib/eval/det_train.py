@@ -4,7 +4,7 @@
 
 # %% ../../nbs/58a_eval.det_train.ipynb #231c24bc
 from __future__ import annotations
-import contextlib, io, resource, time, warnings
+import contextlib, dataclasses, io, resource, time, warnings
 
 import numpy as np
 import pandas as pd
@@ -15,11 +15,11 @@ from scipy.optimize import linear_sum_assignment
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_iou
 
-from ..core import seed_everything
+from ..core import cached_arrays, code_digest, digest, seed_everything
 from ..data.manifest import fraction_subset, read_image
 from ..models.backbones import preprocess_config
 from .metrics import bootstrap_indices, paired_delta, percentile_ci
-from .embeddings import frozen_patch_grids
+from .embeddings import _manifest_fingerprint, _weights_hash, frozen_patch_grids   # the embedding cache's identities
 from .detection import (DetrConfig, DetrDecoder, detection_targets, detr_loss, from_input_frame, letterbox,
                                     letterbox_image, to_input_frame)
 
@@ -197,26 +197,51 @@ def detection_task(task, df: pd.DataFrame | None = None) -> tuple[str, list[str]
         m = df[col].isin(list(keep)).to_numpy(); mask = m if mask is None else mask & m
     return str(spec["name"]), [str(c) for c in spec["classes"]], mask
 
-# %% ../../nbs/58a_eval.det_train.ipynb #b1e91b86
+# %% ../../nbs/58a_eval.det_train.ipynb #6258eae1
 def _score(tidy, preds, tgts, classes, idx, thr, **keys):
     b = bootstrap_detection(preds, tgts, classes, indices=idx, score_threshold=thr, model=keys["backbone"])
     tidy += [{**keys, **r} for r in b.drop(columns="model").to_dict("records")]
 
+def _readable(paths, size: int) -> tuple[list, list[str]]:
+    "Each path's letterbox into a `size` square (None when the image cannot be read) and the problems; no backbone runs."
+    lbs, probs = [], []
+    for i, p in enumerate(paths):
+        try: lbs.append(letterbox(read_image(p).shape[:2], size))
+        except Exception as e:  # reported with the row, never fatal
+            probs.append(f"row {i} ({p}): cannot read the image: {type(e).__name__}: {e}"); lbs.append(None)
+    return lbs, probs
+
+def _kept_run(cache_dir, key: dict, name: str, run) -> tuple[list[dict], list[float], float]:
+    "A decoder run's test predictions, loss history and training seconds: `run()`, kept in `cache_dir` (`core.cached_arrays`) when given."
+    def arrays():
+        preds, hist, secs = run()
+        return dict(boxes=np.stack([p["boxes"] for p in preds]), scores=np.stack([p["scores"] for p in preds]),
+                    labels=np.stack([p["labels"] for p in preds]), loss=np.asarray(hist, float), train_s=np.array(secs))
+    if cache_dir is None: return run()
+    a = cached_arrays(cache_dir, name, key, arrays)
+    return ([dict(boxes=b, scores=s, labels=l) for b, s, l in zip(a["boxes"], a["scores"], a["labels"])], a["loss"].tolist(), float(a["train_s"]))
+
+# %% ../../nbs/58a_eval.det_train.ipynb #b1e91b86
 def localisation_comparison(backbones: dict, df: pd.DataFrame, tasks, cfg: DetrConfig, n_boot: int = 200, seed: int = 0,
                             fractions=(1.0,), seeds=(0,), reference: str | None = None, score_threshold: float = 0.5,
-                            fraction_dir=None, baseline: bool = True) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
-    "Tidy (task, backbone, fraction, seed, metric, value, ci_low, ci_high[, delta…]), details per run, problems."
-    tidy, details, probs = [], {}, []
-    feats = {}
-    for name, bb in backbones.items():
-        t0 = time.perf_counter(); f, lbs, p = detection_features(bb, df["abs_path"].tolist(), cfg.taps)
-        pos = np.cumsum([lb is not None for lb in lbs]) - 1
-        feats[name] = (f, lbs, pos, time.perf_counter() - t0); probs += [(None, None, m, "features") for m in p]
-    ok = np.array([lb is not None for lb in next(iter(feats.values()))[1]])
+                            fraction_dir=None, baseline: bool = True, cache_dir=None) -> tuple[pd.DataFrame, dict, pd.DataFrame]:
+    "Tidy (task, backbone, fraction, seed, metric, value, ci_low, ci_high[, delta…]), details per run, problems; runs kept in `cache_dir` when given."
+    tidy, details, paths, feats = [], {}, df["abs_path"].tolist(), {}
+    def features(name):   # a backbone's features only when one of its runs is not kept
+        if name not in feats:
+            t0 = time.perf_counter(); f, lbs, _ = detection_features(backbones[name], paths, cfg.taps)
+            feats[name] = (f, lbs, np.cumsum([lb is not None for lb in lbs]) - 1, time.perf_counter() - t0)
+        return feats[name]
+    pc = preprocess_config(next(iter(backbones.values()))); lbs0, p = _readable(paths, int(pc.get("crop_size") or pc["size"]))
+    probs = [(None, None, m, "features") for m in p]
+    ok = np.array([lb is not None for lb in lbs0])
+    ids = {name: [_weights_hash(bb), preprocess_config(bb)] for name, bb in backbones.items()} if cache_dir is not None else {}
+    code = code_digest("xr0_lib.eval.det_train", "xr0_lib.eval.detection") if cache_dir is not None else None
+    images = _manifest_fingerprint(df) if cache_dir is not None else None
     for task in tasks:
         tname, classes, mask = detection_task(task, df)
         rows = np.flatnonzero(ok & (mask if mask is not None else True))
-        hw = [next(iter(feats.values()))[1][r]["hw"] for r in rows]
+        hw = [lbs0[r]["hw"] for r in rows]
         tg, tp = detection_targets(df.iloc[rows], classes, image_hw=hw)
         probs += [(int(rows[r.row]), r.image_id, r.problem, tname) for r in tp.itertuples()]
         good = [k for k, t in enumerate(tg) if t is not None]           # unreadable box fields: reported above, left out
@@ -234,13 +259,17 @@ def localisation_comparison(backbones: dict, df: pd.DataFrame, tasks, cfg: DetrC
                 tr = tr_all[fraction_subset(has, frac, s, "has_box", fraction_dir)]
                 keys = dict(task=tname, fraction=frac, seed=s, n_train=len(tr), n_test=len(te))
                 if baseline: _score(tidy, mean_box_baseline([tg[i] for i in tr], [hw[i] for i in te], len(classes)), test_t, classes, idx, score_threshold, backbone="mean box", **keys)
-                for name, (f, lbs, pos, t_feat) in feats.items():
-                    t0 = time.perf_counter()
-                    m, hist = train_detector(f[pos[rows[tr]]], [tg[i] for i in tr], [lbs[r] for r in rows[tr]], len(classes), cfg, seed=s)
-                    preds = predict_detections(m, f[pos[rows[te]]], [lbs[r] for r in rows[te]])
+                for name in backbones:
+                    def run():
+                        f, lbs, pos, _ = features(name); t0 = time.perf_counter()
+                        m, hist = train_detector(f[pos[rows[tr]]], [tg[i] for i in tr], [lbs[r] for r in rows[tr]], len(classes), cfg, seed=s)
+                        return predict_detections(m, f[pos[rows[te]]], [lbs[r] for r in rows[te]]), hist, time.perf_counter() - t0
+                    rk = dict(what="detr run", backbone=ids.get(name), images=images, cfg=dataclasses.asdict(cfg), classes=classes, seed=int(s),
+                               rows=digest(rows[tr], rows[te]), targets=digest(*[a for i in (*tr, *te) for a in (tg[i]["boxes"], tg[i]["labels"])]), code=code)
+                    preds, hist, train_s = _kept_run(cache_dir, rk, f"detr-{name}-{tname}-seed{s}", run)
                     _score(tidy, preds, test_t, classes, idx, score_threshold, backbone=name, **keys)
                     details[(tname, name, frac, s)] = dict(preds=preds, targets=test_t, rows=rows[te], classes=classes, loss=hist,
-                                                           train_s=time.perf_counter() - t0, features_s=t_feat)
+                                                           train_s=train_s, features_s=feats[name][3] if name in feats else 0.0)
     if reference is not None:
         if reference not in backbones: raise KeyError(f"reference {reference!r} is not one of the backbones {list(backbones)}")
         key = lambda r: (r["task"], r["fraction"], r["seed"], r["metric"])

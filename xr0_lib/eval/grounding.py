@@ -4,11 +4,13 @@
 
 # %% ../../nbs/58f_eval.grounding.ipynb #0df74d43
 from __future__ import annotations
+import copy
 import json
 import math
 import re
 import resource
 import time
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,15 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss
 
+from ..core import cached_arrays, code_digest, digest
 from ..data.manifest import read_image
 from ..models.backbones import preprocess_config
-from .embeddings import frozen_patch_grids
+from .embeddings import _manifest_fingerprint, _weights_hash, frozen_patch_grids   # the embedding cache's identities
 from .metrics import bootstrap_indices, paired_difference, percentile_ci
 
 # %% auto #0
 __all__ = ['GROUNDING_FINDINGS', 'TRAINABLE', 'grounding_pairs', 'pair_iou', 'grounding_metrics', 'grounding_delta',
            'finding_mean_boxes', 'finding_mean_predict', 'GroundingModel', 'grounding_inputs', 'GroundConfig',
-           'grounding_loss', 'train_grounding', 'predict_grounding', 'benchmark_grounding']
+           'grounding_loss', 'train_grounding', 'predict_grounding', 'grounding_comparison', 'benchmark_grounding']
 
 # %% ../../nbs/58f_eval.grounding.ipynb #06bcecdf
 GROUNDING_FINDINGS = {"cardiomegaly": ("cardiomegaly", "cardiac silhouette", "heart"), "pleural_effusion": ("effusion",),
@@ -165,6 +168,11 @@ def _load(path, size: int, mean, std) -> tuple[torch.Tensor, tuple[int, int]]:
     t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0].expand(3, -1, -1)
     return (t - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1), a.shape[:2]
 
+def _norm_boxes(keep: pd.DataFrame, hw: dict) -> np.ndarray:
+    "The pairs' pixel boxes as fractions of their image's width and height, clipped to [0, 1]."
+    wh = np.array([[hw[r][1], hw[r][0]] * 2 for r in keep.row], float).reshape(-1, 4)
+    return np.clip(np.array(keep.box.tolist(), float).reshape(-1, 4) / np.maximum(wh, 1), 0, 1)
+
 @torch.no_grad()
 def grounding_inputs(backbone: nn.Module, pairs: pd.DataFrame, paths, cache_patches: bool = True, batch_size: int = 32) -> dict:
     """dict(images (N, 3, S, S) or None, patches (N, h, w, D) or None, index (pair → image), boxes (normalised xyxy),
@@ -182,10 +190,8 @@ def grounding_inputs(backbone: nn.Module, pairs: pd.DataFrame, paths, cache_patc
     patches = None
     if cache_patches:
         patches = frozen_patch_grids(backbone, images, (-1,), batch_size)[0] if ims else None
-    wh = np.array([[hw[r][1], hw[r][0]] * 2 for r in keep.row], float).reshape(-1, 4)
-    boxes = np.clip(np.array(keep.box.tolist(), float).reshape(-1, 4) / np.maximum(wh, 1), 0, 1)
     return dict(images=None if cache_patches else images, patches=patches, index=np.array([ok[r] for r in keep.row], int),
-                boxes=boxes, phrases=list(keep.phrase), findings=list(keep.finding), groups=np.array(keep.group), pairs=keep,
+                boxes=_norm_boxes(keep, hw), phrases=list(keep.phrase), findings=list(keep.finding), groups=np.array(keep.group), pairs=keep,
                 skipped=pd.DataFrame(skipped, columns=["row", "image_id", "reason"]))
 
 # %% ../../nbs/58f_eval.grounding.ipynb #7346a270
@@ -264,6 +270,56 @@ def predict_grounding(model: GroundingModel, text_model, tokenizer, data: dict, 
         txt, am = _text_tokens(text_model, tokenizer, [data["phrases"][i] for i in s], max_length)
         out.append(box_convert(model(_patches(data, torch.as_tensor(data["index"][s.numpy()]), backbone, data["patches"] is None), txt, am), "cxcywh", "xyxy"))
     return torch.cat(out).numpy() if out else np.zeros((0, 4))
+
+# %% ../../nbs/58f_eval.grounding.ipynb #1dff2f53
+def _targets(pairs: pd.DataFrame, paths) -> dict:
+    "The backbone-free part of `grounding_inputs`: each image's size read once, normalised boxes, phrases, findings, groups, skipped rows."
+    hw, skipped = {}, []
+    for r in dict.fromkeys(pairs["row"]):
+        try: hw[r] = read_image(paths[r]).shape[:2]
+        except Exception as e:  # same report as grounding_inputs
+            skipped.append(dict(row=r, image_id=pairs.loc[pairs.row == r, "image_id"].iat[0], reason=f"cannot read image: {type(e).__name__}: {e}"))
+    keep = pairs[pairs.row.isin(hw)].reset_index(drop=True)
+    return dict(boxes=_norm_boxes(keep, hw), phrases=list(keep.phrase), findings=list(keep.finding), groups=np.array(keep.group),
+                pairs=keep, skipped=pd.DataFrame(skipped, columns=["row", "image_id", "reason"]))
+
+def grounding_comparison(backbones: dict, df: pd.DataFrame, train_sets: dict, test_pairs: pd.DataFrame, text: tuple, cfg: GroundConfig,
+                         n_boot: int = 500, seed: int = 0, cache_dir=None) -> tuple[pd.DataFrame, dict]:
+    """Tidy (metric, value, CI, Δ vs the finding-mean box, task, backbone, fraction, n_train, reference) and details per (backbone, fraction)
+    (pred, base, te, loss, seconds) for `backbones` (name → model) × `train_sets` (fraction → pairs); `text` = (tokenizer, initial text
+    model), copied per run. Runs kept in `cache_dir` when given: a backbone whose runs are all kept is never run."""
+    tok, text0 = text; paths = list(df["abs_path"])
+    te, recs, details = _targets(test_pairs, paths), [], {}
+    key = dict(what="grounding run", images=_manifest_fingerprint(df), cfg=dataclasses.asdict(cfg), seed=int(seed),
+               text=[_weights_hash(text0), digest(sorted(tok.get_vocab().items())), type(tok).__name__],
+               test=digest(te["pairs"][["row", "phrase"]].astype(str).values.tolist(), te["boxes"]),
+               code=code_digest("xr0_lib.eval.grounding")) if cache_dir is not None else None
+    for name, bb in backbones.items():
+        bid, te_in = [_weights_hash(bb), preprocess_config(bb)] if cache_dir is not None else None, {}
+        for frac, tr_p in train_sets.items():
+            tr = _targets(tr_p, paths)
+            if not len(tr["boxes"]): continue            # no training phrases in that subset
+            def run():
+                t0, b = time.perf_counter(), copy.deepcopy(bb) if cfg.trainable == "all" else bb   # every run starts from the given weights
+                if "d" not in te_in: te_in["d"] = grounding_inputs(b, test_pairs, paths, cache_patches=cfg.trainable != "all")
+                tri = grounding_inputs(b, tr_p, paths, cache_patches=cfg.trainable != "all")
+                torch.manual_seed(seed)
+                gm, tm = GroundingModel(bb.embed_dim, text0.config.hidden_size, cfg.width, cfg.layers, cfg.heads, cfg.dropout), copy.deepcopy(text0)
+                hist = train_grounding(gm, tm, tok, tri, cfg, backbone=b)
+                return dict(pred=predict_grounding(gm, tm, tok, te_in["d"], backbone=b, max_length=cfg.max_length),
+                            loss=np.array([h["loss"] for h in hist], float), seconds=np.array(time.perf_counter() - t0))
+            rk = None if key is None else dict(key, backbone=bid, train=digest(tr["pairs"][["row", "phrase"]].astype(str).values.tolist(), tr["boxes"]))
+            a = run() if key is None else cached_arrays(cache_dir, f"ground-{name}-f{frac}", rk, run)
+            pred, base = a["pred"], finding_mean_predict(finding_mean_boxes(tr["findings"], tr["boxes"]), te["findings"])
+            m = grounding_metrics(pred, te["boxes"], groups=te["groups"], n_boot=n_boot, seed=seed)
+            dl = grounding_delta(pred, base, te["boxes"], groups=te["groups"], n_boot=n_boot, seed=seed)
+            recs.append(m.merge(dl.drop(columns="n"), on="metric").assign(task="grounding", backbone=name, fraction=frac, n_train=len(tr["boxes"]),
+                                                                        reference="finding mean box"))
+            mb = grounding_metrics(base, te["boxes"], groups=te["groups"], n_boot=n_boot, seed=seed)
+            recs.append(mb.assign(task="grounding", backbone="finding mean box", fraction=frac, n_train=len(tr["boxes"])))
+            details[(name, frac)] = dict(pred=pred, base=base, te=te, loss=a["loss"].tolist(), seconds=float(a["seconds"]))
+    if not recs: raise ValueError("grounding_comparison: no backbone × fraction with training phrases")
+    return pd.concat(recs, ignore_index=True).drop_duplicates(["backbone", "fraction", "metric"], ignore_index=True), details
 
 # %% ../../nbs/58f_eval.grounding.ipynb #d1e8b84b
 def benchmark_grounding(grid: int = 16, image_dim: int = 384, text_hidden: int = 768, text_layers: int = 12, seq_len: int = 32,

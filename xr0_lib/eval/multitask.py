@@ -4,8 +4,9 @@
 
 # %% ../../nbs/57a_eval.multitask.ipynb #4e060511
 from __future__ import annotations
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
@@ -14,9 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 from monai.losses import DiceLoss
 
-from ..core import seed_everything
+from ..core import cached_arrays, code_digest, digest, seed_everything
 from ..models.backbones import preprocess_config
-from .embeddings import embed_batch
+from .embeddings import _manifest_fingerprint, _weights_hash, embed_batch   # the embedding cache's identities
 from .metrics import auroc, bootstrap_indices, bootstrap_metric, paired_delta
 from .probes import PatchConvProbe
 from .segmentation import SegData, bootstrap_dice, dice_scores, frozen_features, load_seg_data, seg_task
@@ -153,36 +154,50 @@ def fit_multitask(head: MultitaskHead, train: PTXFeatures, val: PTXFeatures, cfg
     return dict(history=hist, best_val=best, epochs=len(hist), seconds=time.perf_counter() - t0, monitor="auroc" if two else "-bce")
 
 # %% ../../nbs/57a_eval.multitask.ipynb #e8c1a93c
-def _dice_pos(preds: dict, test: PTXFeatures, n_resamples: int, seed: int) -> pd.DataFrame:
-    pos = np.flatnonzero(test.y == 1)
-    if not len(pos) or not preds: return pd.DataFrame()
-    sc = {h: dice_scores(p[pos] > 0.5, test.masks[pos] > 0) for h, p in preds.items()}
+def _dice_pos(sc: dict, n_resamples: int, seed: int) -> pd.DataFrame:
+    "Dice-on-positives rows from each segmenting head's per-positive Dice (N_pos, 1)."
+    if not sc or not len(next(iter(sc.values()))): return pd.DataFrame()
     out = bootstrap_dice(sc, ["pneumothorax"], n_resamples, seed, reference=next(iter(sc)))
     return out[out["class"] == "pneumothorax"].assign(metric="dice_pos").rename(columns={"model": "head"})
 
+def _head_run(bb, h, f, cfg) -> dict:
+    "Train head `h` on features `f` (train/val/test) and keep what the tables need: test probabilities, labels, Dice on positives, the log."
+    torch.manual_seed(cfg.seed)
+    head = MultitaskHead(h, bb.embed_dim); info = fit_multitask(head, f["train"], f["val"], cfg)
+    p, sg = _predict(head, f["test"]); pos = np.flatnonzero(f["test"].y == 1)
+    a = dict(prob=p, y=np.asarray(f["test"].y), sizes=np.array([len(f[s]) for s in ("train", "val", "test")]),
+             info=np.array(json.dumps({k: info[k] for k in ("epochs", "best_val", "monitor", "seconds")})))
+    if sg is not None: a["dice"] = dice_scores(sg[pos] > 0.5, f["test"].masks[pos] > 0)
+    return a
+
 def ptx_case_study(backbones: dict, df: pd.DataFrame, heads=PTX_HEADS, cfg: PTXConfig = PTXConfig(), reference: str = "cls_mlp",
-                   n_resamples: int = 500, task="pneumothorax", label: str = "pneumothorax") -> tuple[pd.DataFrame, pd.DataFrame]:
-    "XR-0 Table 5 on frozen `backbones` (name -> module): (tidy AUROC / Dice-on-positives rows with CIs and Δ, per-run log)."
+                   n_resamples: int = 500, task="pneumothorax", label: str = "pneumothorax", cache_dir=None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """XR-0 Table 5 on frozen `backbones` (name -> module): (tidy AUROC / Dice-on-positives rows with CIs and Δ, per-run log).
+    With `cache_dir` each (backbone, head) run is kept; a backbone whose runs are all kept is never run."""
     rows, runs = [], []
+    key = dict(what="ptx head", images=_manifest_fingerprint(df), table=digest(df.astype(str).values.tolist(), [str(c) for c in df.columns]),
+               task=task, label=label, cfg=asdict(cfg), code=code_digest("xr0_lib.eval.multitask", "xr0_lib.eval.segmentation")) if cache_dir is not None else None
     for bname, bb in backbones.items():
-        f = {s: ptx_features(bb, df, s, task, label) for s in ("train", "val", "test")}
-        bad = [s for s in f if len(set(f[s].y.tolist())) < (2 if s != "val" else 1) or len(f[s]) < 2]
-        if bad: raise ValueError(f"backbone {bname}: splits {bad} need both classes (sizes { {s: len(v) for s, v in f.items()} }, positives { {s: int(v.y.sum()) for s, v in f.items()} })")
-        probs, segs = {}, {}
-        for h in heads:
-            torch.manual_seed(cfg.seed)
-            head = MultitaskHead(h, bb.embed_dim)
-            info = fit_multitask(head, f["train"], f["val"], cfg)
-            probs[h], sg = _predict(head, f["test"])
-            if sg is not None: segs[h] = sg
+        feats = {}
+        def features():   # only when one of this backbone's heads is not kept
+            if not feats:
+                feats.update({s: ptx_features(bb, df, s, task, label) for s in ("train", "val", "test")})
+                bad = [s for s in feats if len(set(feats[s].y.tolist())) < (2 if s != "val" else 1) or len(feats[s]) < 2]
+                if bad: raise ValueError(f"backbone {bname}: splits {bad} need both classes (sizes { {s: len(v) for s, v in feats.items()} }, positives { {s: int(v.y.sum()) for s, v in feats.items()} })")
+            return feats
+        kept = {h: _head_run(bb, h, features(), cfg) if key is None else
+                cached_arrays(cache_dir, f"ptx-{bname}-{h}", dict(key, backbone=[_weights_hash(bb), preprocess_config(bb)], head=h),
+                              lambda h=h: _head_run(bb, h, features(), cfg)) for h in heads}
+        y = next(iter(kept.values()))["y"]; probs = {h: a["prob"] for h, a in kept.items()}
+        for h, a in kept.items():
+            info, (n_tr, n_va, n_te) = json.loads(str(a["info"])), a["sizes"].tolist()
             runs.append(dict(backbone=bname, head=h, epochs=info["epochs"], best_val=info["best_val"], monitor=info["monitor"],
-                             seconds=round(info["seconds"], 2), n_train=len(f["train"]), n_val=len(f["val"]), n_test=len(f["test"]),
-                             test_positives=int(f["test"].y.sum())))
-        idx = bootstrap_indices(len(f["test"]), n_resamples, cfg.seed)
-        a = bootstrap_metric(f["test"].y, probs, "auroc", indices=idx).rename(columns={"model": "head"})
+                             seconds=round(info["seconds"], 2), n_train=n_tr, n_val=n_va, n_test=n_te, test_positives=int(y.sum())))
+        idx = bootstrap_indices(len(y), n_resamples, cfg.seed)
+        a = bootstrap_metric(y, probs, "auroc", indices=idx).rename(columns={"model": "head"})
         ref = a[a["head"] == reference].iloc[0].to_dict() | {"model": reference} if reference in probs else None
         if ref is not None: a = pd.concat([a, pd.DataFrame([paired_delta(r.to_dict() | {"model": r["head"]}, ref) for _, r in a.iterrows()])], axis=1)
-        rows += [a.assign(backbone=bname, n=len(f["test"])), _dice_pos(segs, f["test"], n_resamples, cfg.seed).assign(backbone=bname)]
+        rows += [a.assign(backbone=bname, n=len(y)), _dice_pos({h: a["dice"] for h, a in kept.items() if "dice" in a}, n_resamples, cfg.seed).assign(backbone=bname)]
     tidy = pd.concat([r for r in rows if len(r)], ignore_index=True)
     front = ["backbone", "head", "metric", "value", "ci_low", "ci_high", "delta", "delta_ci_low", "delta_ci_high", "reference"]
     return tidy[[c for c in front if c in tidy] + [c for c in tidy if c not in front]], pd.DataFrame(runs)

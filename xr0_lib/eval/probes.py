@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from scipy import stats
 from sklearn.preprocessing import StandardScaler
 
-from ..core import progress
+from ..core import cached_arrays, code_digest, digest, progress
 from .metrics import TaskKind, auroc, infer_task_kind, mcc
 from ..knn import cosine_topk
 
@@ -329,19 +329,27 @@ def epochs_to_target(history: Sequence[dict], frac: float = 0.95, chance: float 
     return float(np.flatnonzero(s >= base + frac * (best - base) - 1e-12)[0] + 1)
 
 # %% ../../nbs/52_eval.probes.ipynb #4c5a6d6e
+def _curve(X, y, tr, va, kind, s, probe_kw) -> dict:
+    f = fit_mlp_probe(X[tr], y[tr], X[va], y[va], kind, seed=s, **probe_kw)
+    return dict(epoch=np.array([h["epoch"] + 1 for h in f.history]), val_score=np.array([h["val_score"] for h in f.history], float),
+                monitor=np.array([h["monitor"] for h in f.history]), best_epoch=np.array(f.best_epoch + 1))
+
 def probe_curves(embeddings: dict, y, train_idx, val_idx, seeds: Sequence[int] = (0, 1, 2), kind: TaskKind | None = None,
-                 train_subsets: dict | None = None, **probe_kw) -> pd.DataFrame:
-    "Per-epoch validation curves of the MLP probe, one run per backbone × seed: columns backbone, seed, epoch, val_score, monitor, best_epoch."
+                 train_subsets: dict | None = None, cache_dir=None, **probe_kw) -> pd.DataFrame:
+    "Per-epoch validation curves of the MLP probe, one run per backbone × seed (kept in `cache_dir` when given): columns backbone, seed, epoch, val_score, monitor, best_epoch."
     y = np.asarray(y); rows = []
     kind = kind or infer_task_kind(y[np.concatenate([np.asarray(train_idx), np.asarray(val_idx)])])
+    code = code_digest("xr0_lib.eval.probes") if cache_dir is not None else None
     for s in seeds:
         tr = np.asarray((train_subsets or {}).get(s, train_idx)); va = np.asarray(val_idx)
         for name, X in embeddings.items():
-            X = np.asarray(X)
-            f = fit_mlp_probe(X[tr], y[tr], X[va], y[va], kind, seed=s, **probe_kw)
-            rows += [dict(backbone=name, seed=s, epoch=h["epoch"] + 1, val_score=h["val_score"], monitor=h["monitor"],
-                          best_epoch=f.best_epoch + 1) for h in f.history]
+            X = np.asarray(X); run = lambda: _curve(X, y, tr, va, kind, s, probe_kw)
+            key = dict(what="mlp probe curve", embeddings=digest(X), rows=digest(tr, va, y), kind=kind, seed=int(s), kwargs=probe_kw, code=code)
+            c = run() if cache_dir is None else cached_arrays(cache_dir, f"curve-seed{s}", key, run)
+            rows += [dict(backbone=name, seed=s, epoch=int(e), val_score=float(v), monitor=str(m), best_epoch=int(c["best_epoch"]))
+                     for e, v, m in zip(c["epoch"], c["val_score"], c["monitor"])]
     return pd.DataFrame(rows)
+
 
 # %% ../../nbs/52_eval.probes.ipynb #4cd74c4d
 def _seed_ci(vals: np.ndarray, stat, n_boot: int, seed: int) -> tuple[float, float]:

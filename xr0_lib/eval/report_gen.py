@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,16 +20,18 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from ..core import local_weights, progress, refuse_remote_code
+from ..core import cached_arrays, code_digest, digest, local_weights, progress, refuse_remote_code
+from ..data.manifest import fraction_subset
 from ..models.vit import create_backbone
-from .embeddings import extract_embeddings
+from ..models.backbones import preprocess_config
+from .embeddings import _manifest_fingerprint, _weights_hash, extract_embeddings   # the embedding cache's identities
 from .text import ReportError, preprocess_report
 from .report_metrics import corpus_scores, report_stats
 
 # %% auto #0
 __all__ = ['DEFAULT_PROMPT', 'report_targets', 'train_report_tokenizer', 'small_lm', 'load_lm', 'save_lm', 'ReportGenConfig',
            'visual_tokens', 'random_init_like', 'Projector', 'PrefixReportModel', 'generate_reports', 'pretrain_lm',
-           'train_report_model', 'save_report_model', 'load_report_model', 'benchmark_report_gen']
+           'train_report_model', 'save_report_model', 'load_report_model', 'report_comparison', 'benchmark_report_gen']
 
 # %% ../../nbs/58e_eval.report_gen.ipynb #0effc9ea
 def report_targets(df: pd.DataFrame, column: str = "report", max_chars: int = 20_000) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -327,6 +330,51 @@ def load_report_model(folder) -> PrefixReportModel:
     model.projector.load_state_dict(load_file(folder / "projector.safetensors"))
     if cfg.lm_mode == "lora": set_peft_model_state_dict(model.lm, load_file(folder / "lora.safetensors"))
     return model.eval()
+
+# %% ../../nbs/58e_eval.report_gen.ipynb #b164e2c2
+def _kept_text(strings) -> np.ndarray: return np.array([str(s) for s in strings], dtype=str).reshape(-1)   # fixed-width unicode, no pickle
+
+def report_comparison(models: dict, df: pd.DataFrame, split: dict, lm_path, cfg: ReportGenConfig, fractions, labeller=None,
+                      cache_dir=None, save_model: tuple | None = None, shuffle_seed: int = 0) -> dict:
+    """(backbone, fraction) → dict(hyp (test reports), shuffled (at the largest fraction: on shuffled test images), history, n_train,
+    seconds) for `models` (name → backbone) and `split` (train/val/test targets of `report_targets`); every run starts from the LM at
+    `lm_path`. With `cache_dir`, visual tokens go to its embedding cache and each run's reports are kept (keyed by the backbone's
+    weights hash and preprocessing, the images, rows, reports, LM, `cfg` and this module's code). `save_model` = (backbone, folder,
+    lm_source): that backbone's largest-fraction generator is saved there (retrained when the folder holds another run)."""
+    tok0, lm0 = load_lm(lm_path); top, test = max(fractions), split["test"]
+    perm = test.row.to_numpy()[np.random.default_rng(shuffle_seed).permutation(len(test))]
+    base = dict(what="report run", lm=[_weights_hash(lm0), digest(sorted(tok0.get_vocab().items()))], cfg=asdict(cfg), images=_manifest_fingerprint(df),
+                labeller=getattr(labeller, "__qualname__", None), code=code_digest("xr0_lib.eval.report_gen")) if cache_dir is not None else None
+    out = {}
+    for name, bb in models.items():
+        feats, valid = visual_tokens(bb, df, cfg, cache_dir=cache_dir)
+        bad = sum(not valid[r] for s in split.values() for r in s.row)
+        if bad: warnings.warn(f"{name}: {bad} images without visual tokens are skipped (see the embedding cache's report.csv)")
+        tr = split["train"][valid[split["train"].row]].reset_index(drop=True)
+        va = split["val"][valid[split["val"].row]]
+        for f in fractions:
+            pos = fraction_subset(df.iloc[tr.row].reset_index(drop=True), f, cfg.seed)
+            saving = save_model is not None and save_model[0] == name and f == top
+            def run():
+                tok_f, lm_f = load_lm(lm_path); t0 = time.perf_counter()
+                model = PrefixReportModel(lm_f, tok_f, feats.shape[-1], cfg)
+                h = train_report_model(model, feats[tr.row.to_numpy()[pos]], list(tr.text.iloc[pos]), feats[va.row.to_numpy()], list(va.text),
+                                       labeller=labeller)
+                hyp = [g if valid[r] else "" for g, r in zip(generate_reports(model, feats[test.row.to_numpy()]), test.row)]   # no tokens: an empty report
+                a = dict(hyp=_kept_text(hyp), history=np.array(json.dumps(h)), seconds=np.array(time.perf_counter() - t0))
+                if f == top: a["shuffled"] = _kept_text(generate_reports(model, feats[perm]))   # the text prior alone, image removed
+                if saving:
+                    save_report_model(model, save_model[1], lm_source=save_model[2])
+                    if rk is not None: marker.write_text(digest(rk))
+                return a
+            rk = None if base is None else dict(base, backbone=[_weights_hash(bb), preprocess_config(bb)], fraction=f, train=digest(
+                tr.row.to_numpy()[pos], list(tr.text.iloc[pos])), val=digest(va.row.to_numpy(), list(va.text)), test=digest(test.row.to_numpy(), valid[test.row], perm))
+            marker = Path(save_model[1]) / "run.txt" if saving else None
+            a = run() if rk is None else cached_arrays(cache_dir, f"report-{name}-f{f}", rk, run)
+            if rk is not None and marker is not None and not (marker.is_file() and marker.read_text() == digest(rk)): run()   # kept, but not the saved model: retrain it
+            out[(name, f)] = dict(hyp=[str(s) for s in a["hyp"]], shuffled=[str(s) for s in a["shuffled"]] if "shuffled" in a else None,
+                                  history=json.loads(str(a["history"])), n_train=len(pos), seconds=float(a["seconds"]))
+    return out
 
 # %% ../../nbs/58e_eval.report_gen.ipynb #95c19ccf
 def benchmark_report_gen(n_layer: int = 12, n_embd: int = 768, n_head: int = 12, vocab_size: int = 50257, vit: str = "xr0-vits14",

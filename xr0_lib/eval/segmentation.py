@@ -5,8 +5,9 @@
 # %% ../../nbs/57_eval.segmentation.ipynb #c4f45b72
 from __future__ import annotations
 import tempfile, time, warnings
+from copy import deepcopy
 from pathlib import Path
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Callable, Sequence
 
@@ -21,14 +22,14 @@ from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import compute_dice
 from monai.transforms import Compose, Rand2DElasticd, RandAdjustContrastd, RandAffined, RandGaussianNoised
 
-from ..core import seed_everything
+from ..core import cached_arrays, code_digest, digest, seed_everything
 from ..data.manifest import ManifestError, fraction_subset, is_missing, load_manifest, read_image
 from ..data.masks import class_masks
 from ..data.phantom import FINDING_BITS, FINDING_MASKS, MASK_LABELS, LABEL_ID, RIB_IDS, make_phantom_dataset
 from ..augment import make_eval_transform
 from ..models.backbones import load_backbone, preprocess_config
 from .metrics import bootstrap_indices, paired_delta, percentile_ci
-from .embeddings import frozen_patch_grids
+from .embeddings import _weights_hash, frozen_patch_grids   # the embedding cache's identity of a backbone
 
 # %% auto #0
 __all__ = ['PHANTOM_SEG_TASKS', 'PRIOR_BIAS', 'SEG_HEADS', 'SegTask', 'seg_task', 'SegData', 'load_seg_data', 'default_layers',
@@ -147,21 +148,33 @@ def simple_pyramid(embed_dim: int, scales: Sequence[float] = (4, 2, 1, 0.5), red
 
 # %% ../../nbs/57_eval.segmentation.ipynb #e8af10ab
 class UPerNetSegHead(nn.Module):
-    "UPerNet (transformers' `UperNetHead`) on four tapped layers made multi-scale by the simple pyramid (×4, ×2, ×1, ×0.5)."
+    "UPerNet (transformers' `UperNetHead`) on four tapped layers made multi-scale by the simple pyramid; FPN levels fused at scale `fuse`."
     def __init__(self, embed_dim: int, n_classes: int, layers: Sequence[int], channels: int = 256,
-                 scales: Sequence[float] = (4, 2, 1, 0.5), pool_scales: Sequence[int] = (1, 2, 3, 6), reduce: bool = True):
+                 scales: Sequence[float] = (4, 2, 1, 0.5), pool_scales: Sequence[int] = (1, 2, 3, 6), reduce: bool = True,
+                 fuse: float | None = None):
         super().__init__()
         from transformers.models.upernet.modeling_upernet import UperNetHead  # transformers: ~2 s to import, only this head needs it
         if len(layers) != len(scales): raise ValueError(f"UPerNet needs one tapped layer per scale: layers {list(layers)}, scales {list(scales)}")
-        self.layers = list(layers)
+        if fuse is not None and fuse not in scales: raise ValueError(f"fuse={fuse} is not one of the pyramid scales {list(scales)}")
+        self.layers, self.fuse = list(layers), (list(scales).index(fuse) if fuse is not None else 0)   # level 0: the finest
         self.pyramid, widths = simple_pyramid(embed_dim, scales, reduce)
         cfg = SimpleNamespace(pool_scales=tuple(pool_scales), hidden_size=channels, num_labels=n_classes)
         self.decode = UperNetHead(cfg, in_channels=widths)
         nn.init.constant_(self.decode.classifier.bias, PRIOR_BIAS)
 
     def forward(self, feats: list[torch.Tensor], out_size) -> torch.Tensor:
-        logits = self.decode([op(f) for op, f in zip(self.pyramid, feats)])
-        return F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
+        x = [op(f.contiguous(memory_format=torch.channels_last)) for op, f in zip(self.pyramid, feats)]   # oneDNN's fast layout
+        return F.interpolate(_upernet_decode(self.decode, x, self.fuse).contiguous(), size=out_size, mode="bilinear", align_corners=False)
+
+def _upernet_decode(dec, x: list, fuse: int) -> torch.Tensor:
+    "transformers' `UperNetHead.forward` (same modules), with the FPN outputs resized to level `fuse` (bilinear up, area down) before fusion."
+    lat = [conv(x[i]) for i, conv in enumerate(dec.lateral_convs)] + [dec.psp_forward(x)]
+    for i in range(len(lat) - 1, 0, -1):   # top-down path
+        lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[2:], mode="bilinear", align_corners=False)
+    outs, size = [dec.fpn_convs[i](lat[i]) for i in range(len(lat) - 1)] + [lat[-1]], lat[fuse].shape[2:]
+    outs = [o if o.shape[2:] == size else F.adaptive_avg_pool2d(o, size) if o.shape[-1] > size[-1]
+            else F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs]
+    return dec.classifier(dec.fpn_bottleneck(torch.cat(outs, 1)))
 
 class ViTDetSegHead(nn.Module):
     "RAD-DINO's ViTDet decoder: simple pyramid on tapped layers, ViTDet's neck per level, levels summed at the finest, 1×1 classifier."
@@ -340,6 +353,26 @@ def _cache(bb, data: SegData, layers: set, cfg) -> dict:
     ls = sorted(layers)
     return dict(zip(ls, frozen_features(bb, data.images, ls, cfg.feature_batch)))
 
+def _lazy_features(bb, data: dict, taps: Callable, cfg) -> Callable:
+    "split -> {layer: frozen features} for the layers `taps()` names, computed at the first call (never when every run is kept)."
+    cache = {}
+    def feats(split):
+        if not cache:
+            tap = taps(); cache.update({s: _cache(bb, data[s], tap, cfg) for s in (("train", "val") if cfg.mode == "cached" else ("val",))})
+        return cache.get(split)
+    return feats
+
+def _kept_masks(cache_dir, name: str, key: dict, run) -> tuple[torch.Tensor, dict]:
+    "A head run's bool test predictions and log (`run()`), kept bit-packed in `cache_dir` (`core.cached_arrays`) when given."
+    if cache_dir is None: return run()
+    def arrays():
+        p, info = run()
+        return dict(pred=np.packbits(p.numpy(), axis=-1), shape=np.array(p.shape), iterations=np.array(info["iterations"]),
+                    seconds=np.array(info["seconds"], float), best_val_dice=np.array(info["best_val_dice"], float))
+    a = cached_arrays(cache_dir, name, key, arrays); shape = tuple(int(n) for n in a["shape"])
+    p = np.unpackbits(a["pred"], axis=-1, count=shape[-1]).astype(bool).reshape(shape)
+    return torch.from_numpy(p), dict(iterations=int(a["iterations"]), seconds=float(a["seconds"]), best_val_dice=float(a["best_val_dice"]))
+
 def _score(scores: dict, classes, cfg, reference, n_resamples, **keys) -> list:
     "Bootstrap rows per (head, fraction, seed) and, with several seeds, of the per-image seed mean."
     rows = []
@@ -368,11 +401,13 @@ class SegResult:
 
 def compare_segmentation(backbones: dict, df: pd.DataFrame, tasks: Sequence, heads: Sequence[str] = SEG_HEADS, cfg: SegConfig = SegConfig(),
                          reference: str | None = None, n_resamples: int = 500, channels: int = 256, layers: dict | None = None,
-                         fractions: Sequence[float] = (1.0,), seeds: Sequence[int] | None = None, fraction_dir=None) -> SegResult:
-    "Train every head of `heads` on every frozen backbone (name -> module) for every task, fraction and seed; Dice with CIs and paired Δ."
+                         fractions: Sequence[float] = (1.0,), seeds: Sequence[int] | None = None, fraction_dir=None,
+                         cache_dir=None) -> SegResult:
+    "Train every head of `heads` on every frozen backbone (name -> module) for every task, fraction and seed; Dice with CIs and paired Δ; runs kept in `cache_dir` when given."
     rows, preds, tests, skipped, runs = [], {}, {}, [], []
     seeds = list(seeds) if seeds is not None else [cfg.seed]
     keep = {(fr, sd): _fraction_ids(df, fr, sd, fraction_dir) for fr in fractions for sd in seeds}
+    code = code_digest("xr0_lib.eval.segmentation") if cache_dir is not None else None
     for task in tasks:
         t = seg_task(task, df); scores = {}
         for k, (bname, bb) in enumerate(backbones.items()):
@@ -382,24 +417,30 @@ def compare_segmentation(backbones: dict, df: pd.DataFrame, tasks: Sequence, hea
                 skipped.append(dict(task=t.name, split="all", image_id="", reason=f"backbone {bname}: too few images "
                                     f"(train {len(data['train'])}, val {len(data['val'])}, test {len(data['test'])})")); continue
             tests[(t.name, bname)] = data["test"]
-            hs = {h: make_head(h, bb, len(t.classes), (layers or {}).get(h), channels) for h in heads}   # only for their taps
-            tap = {l for hd in hs.values() for l in hd.layers}
-            cache = {s: _cache(bb, data[s], tap, cfg) for s in (("train", "val") if cfg.mode == "cached" else ("val",))}
+            feats = _lazy_features(bb, data, lambda: {l for h in heads for l in make_head(h, bb, len(t.classes), (layers or {}).get(h), channels).layers}, cfg)
+            ident = dict(what="segmentation run", backbone=[_weights_hash(bb), preprocess_config(bb)], task=t.name, classes=list(t.classes),
+                         data=digest(*[a for s in ("train", "val", "test") for a in (data[s].images, data[s].masks, [str(i) for i in data[s].image_ids])]),
+                         code=code) if cache_dir is not None else {}
             for (fr, sd), ids in keep.items():
-                tr, trf = _subset(data["train"], ids, cache.get("train"))
-                if len(tr) < 2:
+                n_tr = sum(i in ids for i in data["train"].image_ids)
+                if n_tr < 2:
                     skipped.append(dict(task=t.name, split="train", image_id="", reason=f"backbone {bname}: fraction {fr} seed {sd}: "
-                                        f"{len(tr)} training images")); continue
+                                        f"{n_tr} training images")); continue
                 for h in heads:
-                    torch.manual_seed(sd)
-                    head = make_head(h, bb, len(t.classes), (layers or {}).get(h), channels)
-                    feats = ([trf[l] for l in head.layers] if trf else None, [cache["val"][l] for l in head.layers])
-                    info = fit_segmentation(bb, head, tr, data["val"], replace(cfg, seed=sd), feats)
-                    p = predict_masks(bb, head, data["test"], threshold=cfg.threshold, batch_size=cfg.feature_batch)
+                    def run(h=h, ids=ids, sd=sd, bb=bb, data=data, feats=feats):
+                        tr, trf = _subset(data["train"], ids, feats("train")); val = feats("val")
+                        torch.manual_seed(sd)
+                        head = make_head(h, bb, len(t.classes), (layers or {}).get(h), channels)
+                        info = fit_segmentation(bb, head, tr, data["val"], replace(cfg, seed=sd), ([trf[l] for l in head.layers] if trf else None,
+                                                                                                   [val[l] for l in head.layers]))
+                        return predict_masks(bb, head, data["test"], threshold=cfg.threshold, batch_size=cfg.feature_batch), info
+                    key = dict(ident, head=h, fraction=fr, seed=sd, rows=digest(sorted(str(i) for i in ids)), cfg=asdict(replace(cfg, seed=sd)),
+                               channels=channels, layers=(layers or {}).get(h)) if cache_dir is not None else None
+                    p, info = _kept_masks(cache_dir, f"seg-{bname}-{t.name}-{h}-f{fr}-s{sd}", key, run)
                     if fr == max(fractions) and sd == seeds[0]: preds[(t.name, h, bname)] = p
                     scores.setdefault((h, fr, sd), {})[bname] = dice_scores(p, data["test"].masks)
                     runs.append(dict(task=t.name, head=h, backbone=bname, mode=cfg.mode, fraction=fr, seed=sd, iterations=info["iterations"],
-                                     seconds=round(info["seconds"], 2), best_val_dice=info["best_val_dice"], n_train=len(tr),
+                                     seconds=round(info["seconds"], 2), best_val_dice=info["best_val_dice"], n_train=n_tr,
                                      n_val=len(data["val"]), n_test=len(data["test"])))
         rows += _score(scores, t.classes, cfg, reference, n_resamples, task=t.name, mode=cfg.mode)
     tidy = pd.concat(rows, ignore_index=True).rename(columns={"model": "backbone"}) if rows else \
@@ -408,38 +449,17 @@ def compare_segmentation(backbones: dict, df: pd.DataFrame, tasks: Sequence, hea
     tidy = tidy[[c for c in front if c in tidy] + [c for c in tidy if c not in front]]
     return SegResult(tidy, preds, tests, pd.DataFrame(skipped, columns=["task", "split", "image_id", "reason"]), pd.DataFrame(runs))
 
-# %% ../../nbs/57_eval.segmentation.ipynb #7cefe8f9
-def _steps_per_s(step, n: int) -> float:
-    step(); t0 = time.perf_counter()
-    for _ in range(n): step()
-    return n / (time.perf_counter() - t0)
+# %% ../../nbs/57_eval.segmentation.ipynb #484d4441
+def _interleaved_steps_per_s(steps: dict, n: int) -> dict:
+    "Steps/s of each step function, timed in turns (one step of each per round, after a warm-up round): median, so load drift hits all alike."
+    times = {k: [] for k in steps}
+    for f in steps.values(): f()
+    for _ in range(n):
+        for k, f in steps.items(): t0 = time.perf_counter(); f(); times[k].append(time.perf_counter() - t0)
+    return {k: 1 / float(np.median(v)) for k, v in times.items()}
 
-def _hf_upernet(bb, layers, n_classes: int, channels: int, folder):
-    "transformers' UperNetForSemanticSegmentation on `bb`'s own weights (export_hf), backbone frozen."
-    import transformers  # ~2 s; the comparison only
-    from xr0_lib.models.backbones import export_hf  # only the comparison exports
-    export_hf(bb, folder)
-    cls = transformers.Dinov2WithRegistersBackbone if bb.num_registers else transformers.Dinov2Backbone   # what export_hf wrote
-    if "with_registers" in (Path(folder) / "config.json").read_text(): cls = transformers.Dinov2WithRegistersBackbone
-    hb = cls.from_pretrained(str(folder), out_indices=[i + 1 for i in layers], local_files_only=True)
-    hf = transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(backbone_config=hb.config, num_labels=n_classes, hidden_size=channels,
-                                                      use_auxiliary_head=False))
-    hf.backbone = hb
-    for p in hf.backbone.parameters(): p.requires_grad_(False)
-    return hf
-
-def _normalised(bb, x):
-    c = preprocess_config(bb)
-    return (x.expand(-1, 3, -1, -1) - torch.tensor(c["mean"]).view(1, 3, 1, 1)) / torch.tensor(c["std"]).view(1, 3, 1, 1)
-
-# %% ../../nbs/57_eval.segmentation.ipynb #18c36f35
-def benchmark_segmentation(arch: str = "xr0-vits14", size: int = 224, n_images: int = 32, batch_size: int = 8, steps: int = 5,
-                           channels: int = 128, dice_iters: int = 0, tmp: str | None = None) -> dict:
-    "Cached vs recomputed features per epoch; our UPerNet vs transformers' UperNetForSemanticSegmentation in steps/s (and Dice)."
-    torch.manual_seed(0); tmp = tmp or tempfile.mkdtemp()
-    df = load_manifest(make_phantom_dataset(f"{tmp}/ph", n=n_images, size=size, seed=0, show_progress=False))
-    bb = load_backbone(arch, img_size=size).eval()
-    data = load_seg_data(df, seg_task("bones"), preprocess_config(bb))
+def _epoch_speedups(bb, data, batch_size: int, channels: int) -> dict:
+    "One epoch of each head on stored features vs the same epoch recomputing them per batch (seconds and speed-up)."
     loss_fn, S, epoch = DiceLoss(sigmoid=True), data.images.shape[-2:], {}
     batches = [slice(s, s + batch_size) for s in range(0, len(data), batch_size)]
     for name in SEG_HEADS:   # one epoch on stored features vs the same epoch recomputing them per batch
@@ -456,28 +476,92 @@ def benchmark_segmentation(arch: str = "xr0-vits14", size: int = 224, n_images: 
         t_re = time.perf_counter() - t0
         epoch |= {f"{name}_feature_extraction_s": round(t_extract, 3), f"{name}_epoch_cached_s": round(t_cached, 3),
                   f"{name}_epoch_recompute_s": round(t_re, 3), f"{name}_cached_speedup": round(t_re / t_cached, 2)}
-    torch.manual_seed(0); ours = make_head("upernet", bb, len(data.classes), channels=channels)
-    base = dict(arch=arch, size=size, n_images=len(data), batch_size=batch_size, threads=torch.get_num_threads(), **epoch, cached_speedup_goal=5.0)
-    if len(set(ours.layers)) < len(ours.layers):   # transformers' backbone cannot tap one block twice
-        return base | dict(hf_comparison=f"skipped: {len(bb.blocks)} blocks give repeated taps {ours.layers}")
-    hf = _hf_upernet(bb, ours.layers, len(data.classes), channels, f"{tmp}/hf")
-    o_opt = torch.optim.Adam(ours.parameters(), 1e-3); h_opt = torch.optim.Adam([p for p in hf.parameters() if p.requires_grad], 1e-3)
-    def o_step(x, y):
-        loss = loss_fn(ours(frozen_features(bb, x, ours.layers), S), y); o_opt.zero_grad(); loss.backward(); o_opt.step()
-    def h_step(x, y):
-        loss = loss_fn(F.interpolate(hf(pixel_values=_normalised(bb, x)).logits, size=S, mode="bilinear"), y); h_opt.zero_grad(); loss.backward(); h_opt.step()
+    return epoch
+
+# %% ../../nbs/57_eval.segmentation.ipynb #7cefe8f9
+class _PyramidBackbone(nn.Module):
+    "transformers' DINOv2 backbone whose feature maps pass through our simple pyramid (UperNetForSemanticSegmentation's neck slot)."
+    def __init__(self, backbone, pyramid): super().__init__(); self.backbone, self.pyramid = backbone, pyramid
+    def forward_with_filtered_kwargs(self, pixel_values, **kw):
+        out = self.backbone(pixel_values)
+        out.feature_maps = tuple(op(f) for op, f in zip(self.pyramid, out.feature_maps)); return out
+
+def _hf_upernet(bb, layers, n_classes: int, channels: int, folder, like: nn.Module | None = None):
+    "transformers' UperNetForSemanticSegmentation on `bb`'s own weights (export_hf), backbone frozen; `like`: our head's pyramid and initial weights."
+    import transformers  # ~2 s; the comparison only
+    from xr0_lib.models.backbones import export_hf  # only the comparison exports
+    if not (Path(folder) / "config.json").exists(): export_hf(bb, folder)
+    cls = transformers.Dinov2WithRegistersBackbone if bb.num_registers else transformers.Dinov2Backbone   # what export_hf wrote
+    if "with_registers" in (Path(folder) / "config.json").read_text(): cls = transformers.Dinov2WithRegistersBackbone
+    hb = cls.from_pretrained(str(folder), out_indices=[i + 1 for i in layers], local_files_only=True)
+    hf = transformers.UperNetForSemanticSegmentation(transformers.UperNetConfig(backbone_config=hb.config, num_labels=n_classes, hidden_size=channels,
+                                                      use_auxiliary_head=False))
+    for p in hb.parameters(): p.requires_grad_(False)
+    hf.backbone = hb
+    if like is not None:   # same decode head weights as ours; a non-trivial pyramid becomes the neck between backbone and head
+        hf.decode_head = deepcopy(like.decode)
+        if not all(isinstance(op, nn.Identity) for op in like.pyramid): hf.backbone = _PyramidBackbone(hb, deepcopy(like.pyramid))
+    return hf
+
+def _normalised(bb, x):
+    c = preprocess_config(bb)
+    return (x.expand(-1, 3, -1, -1) - torch.tensor(c["mean"]).view(1, 3, 1, 1)) / torch.tensor(c["std"]).view(1, 3, 1, 1)
+
+def _hf_from_maps(hf, maps: list, S) -> torch.Tensor:
+    "UperNetForSemanticSegmentation.forward after its backbone (on stored DINOv2 feature maps): neck, decode head, upsampling."
+    pyr = hf.backbone.pyramid if isinstance(hf.backbone, _PyramidBackbone) else [nn.Identity()] * len(maps)
+    return F.interpolate(hf.decode_head([op(m) for op, m in zip(pyr, maps)]), size=S, mode="bilinear", align_corners=False)
+
+# %% ../../nbs/57_eval.segmentation.ipynb #18c36f35
+_PAIRS = {"single_scale": ("ours_1111", "hf_1111"), "same_pyramid": ("ours", "hf_pyramid"), "default": ("ours", "hf"), "fuse_x2": ("ours_fuse2", "hf")}
+
+def benchmark_segmentation(arch: str = "xr0-vits14", size: int = 224, n_images: int = 32, batch_size: int = 8, steps: int = 5,
+                           channels: int = 128, dice_iters: int = 0, tmp: str | None = None, task: str = "organs") -> dict:
+    "Cached vs recomputed features per epoch; our UPerNet vs transformers' UperNetForSemanticSegmentation in steps/s (and Dice), four pairings."
+    torch.manual_seed(0); tmp = tmp or tempfile.mkdtemp()
+    df = load_manifest(make_phantom_dataset(f"{tmp}/ph", n=n_images, size=size, seed=0, show_progress=False))
+    bb = load_backbone(arch, img_size=size).eval()
+    for p in bb.parameters(): p.requires_grad_(False)
+    data = load_seg_data(df, seg_task("bones"), preprocess_config(bb))
+    loss_fn, S, epoch = DiceLoss(sigmoid=True), data.images.shape[-2:], _epoch_speedups(bb, data, batch_size, channels)
+    t = seg_task(task); where = {k: v for k, v in t.filters.items() if k in ("anatomy", "view")}   # the task's images only
+    data = load_seg_data(load_manifest(make_phantom_dataset(f"{tmp}/ph_{task}", n=n_images, size=size, seed=0, show_progress=False, where=where or None)),
+                         t, preprocess_config(bb))
+    layers, nc = default_layers(len(bb.blocks)), len(data.classes)
+    base = dict(arch=arch, size=size, n_images=len(data), batch_size=batch_size, threads=torch.get_num_threads(), **epoch, cached_speedup_goal=5.0,
+                task=task, upernet_vs_hf_goal=1.0)
+    if len(set(layers)) < len(layers):   # transformers' backbone cannot tap one block twice
+        return base | dict(hf_comparison=f"skipped: {len(bb.blocks)} blocks give repeated taps {layers}")
+    torch.manual_seed(0)
+    ours = {"ours": UPerNetSegHead(bb.embed_dim, nc, layers, channels), "ours_fuse2": UPerNetSegHead(bb.embed_dim, nc, layers, channels, fuse=2),
+            "ours_1111": UPerNetSegHead(bb.embed_dim, nc, layers, channels, scales=(1, 1, 1, 1))}
+    hf = {"hf": _hf_upernet(bb, layers, nc, channels, f"{tmp}/hf"), "hf_1111": _hf_upernet(bb, layers, nc, channels, f"{tmp}/hf", like=ours["ours_1111"]),
+          "hf_pyramid": _hf_upernet(bb, layers, nc, channels, f"{tmp}/hf", like=ours["ours"])}
+    opts = {k: torch.optim.Adam([p for p in m.parameters() if p.requires_grad], 1e-3) for k, m in (ours | hf).items()}
+    def fwd(k, x, maps=None):   # full forward from images, or (Dice training) from stored feature maps
+        if k in ours: return ours[k](maps if maps is not None else frozen_features(bb, x, layers), S)
+        return _hf_from_maps(hf[k], maps, S) if maps is not None else hf[k](pixel_values=_normalised(bb, x)).logits
+    def step(k, x, y, maps=None):
+        loss = loss_fn(fwd(k, x, maps), y); opts[k].zero_grad(); loss.backward(); opts[k].step()
     x, y = data.images[:batch_size], data.masks[:batch_size].float()
-    r_ours, r_hf = _steps_per_s(lambda: o_step(x, y), steps), _steps_per_s(lambda: h_step(x, y), steps)
-    out = base | dict(upernet_steps_per_s=round(r_ours, 3), hf_upernet_steps_per_s=round(r_hf, 3), upernet_vs_hf=round(r_ours / r_hf, 2), upernet_vs_hf_goal=1.0)
-    if dice_iters:   # side by side on the same batches; held out: every fourth image
+    rate = _interleaved_steps_per_s({k: (lambda k=k: step(k, x, y)) for k in opts}, steps)
+    out = base | {k: v for p, (o, h) in _PAIRS.items() for k, v in
+                  {f"{p}_steps_per_s": round(rate[o], 3), f"{p}_hf_steps_per_s": round(rate[h], 3), f"{p}_vs_hf": round(rate[o] / rate[h], 2)}.items()}
+    if dice_iters:   # side by side on the same batches, from stored feature maps (bit-identical DINOv2 features); held out: every fourth image
         te = np.arange(len(data)) % 4 == 0; tr = np.flatnonzero(~te); g = torch.Generator().manual_seed(0)
-        for _ in range(dice_iters):
-            i = tr[torch.randperm(len(tr), generator=g)[:batch_size].numpy()]
-            o_step(data.images[i], data.masks[i].float()); h_step(data.images[i], data.masks[i].float())
-        ours.eval(); hf.eval(); xt = data.images[te]
         with torch.no_grad():
-            po = torch.sigmoid(ours(frozen_features(bb, xt, ours.layers), S)) > 0.5
-            ph = torch.sigmoid(F.interpolate(hf(pixel_values=_normalised(bb, xt)).logits, size=S, mode="bilinear")) > 0.5
-        out |= dict(dice_iters=dice_iters, n_dice_test=int(te.sum()), upernet_dice=round(mean_dice(dice_scores(po, data.masks[te])), 4),
-                    hf_upernet_dice=round(mean_dice(dice_scores(ph, data.masks[te])), 4))
-    return out
+            maps = {"ours": frozen_features(bb, data.images, layers), "hf": list(hf["hf"].backbone(_normalised(bb, data.images)).feature_maps)}
+        for _ in range(dice_iters):
+            i = torch.from_numpy(tr[torch.randperm(len(tr), generator=g)[:batch_size].numpy()])
+            for k in opts: step(k, None, data.masks[i].float(), [m[i] for m in maps["ours" if k in ours else "hf"]])
+        sc = {}
+        with torch.no_grad():
+            for k in opts:
+                (ours | hf)[k].eval(); pred = torch.sigmoid(fwd(k, None, [m[te] for m in maps["ours" if k in ours else "hf"]])) > 0.5
+                sc[k] = dice_scores(pred, data.masks[te])
+        for p, (o, h) in _PAIRS.items():   # "not lower": the paired bootstrap CI of ours − theirs reaches 0 or above
+            d = bootstrap_dice({"ours": sc[o], "hf": sc[h]}, data.classes, 1000, reference="hf").query("model == 'ours' and `class` == 'mean'").iloc[0]
+            out |= {f"{p}_dice": round(mean_dice(sc[o]), 4), f"{p}_hf_dice": round(mean_dice(sc[h]), 4), f"{p}_dice_delta": round(d.delta, 4),
+                    f"{p}_dice_delta_ci": f"[{d.delta_ci_low:.4f}, {d.delta_ci_high:.4f}]", f"{p}_dice_delta_ci_high": round(d.delta_ci_high, 4)}
+        out |= dict(dice_iters=dice_iters, n_dice_test=int(te.sum()), upernet_dice=round(mean_dice(sc["ours"]), 4), hf_upernet_dice=round(mean_dice(sc["hf"]), 4))
+    return out | dict(upernet_steps_per_s=out["default_steps_per_s"], hf_upernet_steps_per_s=out["default_hf_steps_per_s"], upernet_vs_hf=out["default_vs_hf"])

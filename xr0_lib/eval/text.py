@@ -108,7 +108,11 @@ def text_encoder(cfg: TextConfig, texts=None, seed: int = 0) -> tuple:
     texts = [t for t in (texts or []) if isinstance(t, str) and t.strip()]
     if not texts: raise ValueError("text_encoder: no TextConfig.path and no texts to train a tokenizer on")
     wp = BertWordPieceTokenizer(lowercase=cfg.lowercase)
-    wp.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=1, special_tokens=_SPECIALS, show_progress=False)
+    # every continuation piece gets its id up front, in sorted order: the trainer would number them in hash-map order
+    # and break tied merges by id, so two runs on the same texts would learn different vocabularies
+    chars = sorted({ch for t in texts for w, _ in wp.pre_tokenizer.pre_tokenize_str(wp.normalizer.normalize_str(t)) for ch in w[1:]})
+    wp.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=1, special_tokens=_SPECIALS + [f"##{ch}" for ch in chars],
+                           show_progress=False)
     vocab = dict(sorted(wp.get_vocab().items(), key=lambda kv: kv[1]))
     tok = BertTokenizerFast(vocab=vocab, do_lower_case=cfg.lowercase, model_max_length=cfg.max_length)
     bc = BertConfig(vocab_size=len(vocab), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,

@@ -287,6 +287,7 @@ def load_hf_backbone(folder: str | Path, drop_path_rate: float = 0.0) -> DinoVis
     sd = hf_to_xr0(raw)
     m = backbone_from_state_dict(sd, cfg["num_attention_heads"], drop_path_rate, hf_pos_interp(mt), cfg.get("layer_norm_eps", 1e-6), source=str(folder))
     if m.spec.ffn != ("swiglu" if cfg.get("use_swiglu_ffn") else "mlp"): raise ValueError(f"{folder}: weights and use_swiglu_ffn disagree")
+    m.layerscale_init = float(cfg.get("layerscale_value", 1.0))   # what the weights were initialised with: a random init of the same recipe needs it
     pp = folder / "preprocessor_config.json"
     if pp.is_file():
         try: m.preprocess = preprocess_from_hf(json.loads(pp.read_text()), pp)
