@@ -99,25 +99,29 @@ def _free_port():
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
-def _rank_loss(rank, world, port, a, b, ls, out):
+def _rank_loss(rank, world, port, a, b, ls, out, ids=None):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         n = len(a) // world
         la, lb = a[rank * n:(rank + 1) * n].clone().requires_grad_(), b[rank * n:(rank + 1) * n].clone().requires_grad_()
-        loss = clip_loss(la, lb, ls)
+        loss = clip_loss(la, lb, ls, text_ids=None if ids is None else ids[rank * n:(rank + 1) * n])
         loss.backward()
         torch.save(dict(loss=loss.detach(), ga=la.grad, gb=lb.grad), f"{out}/rank{rank}.pt")
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_gathered_negatives_two_gloo_processes_equal_one_process(tmp_path):
+# None: CLIP's loss; ids: rows 1 and 6 (on different ranks) and 2 and 3 share a text, so positives span ranks
+@pytest.mark.parametrize("ids", [None, [0, 1, 2, 2, 4, 5, 1, 7]])
+def test_gathered_negatives_two_gloo_processes_equal_one_process(tmp_path, ids):
     g = torch.Generator().manual_seed(0)
     a, b, ls = torch.randn(8, 12, generator=g), torch.randn(8, 12, generator=g), torch.tensor(2.0)
-    mp.spawn(_rank_loss, args=(2, _free_port(), a, b, ls, str(tmp_path)), nprocs=2, join=True)
+    ids = None if ids is None else torch.tensor(ids)
+    mp.spawn(_rank_loss, args=(2, _free_port(), a, b, ls, str(tmp_path), ids), nprocs=2, join=True)
     ra, rb = a.clone().requires_grad_(), b.clone().requires_grad_()
-    ref = clip_loss(ra, rb, ls); ref.backward()
+    ref = clip_loss(ra, rb, ls, text_ids=ids); ref.backward()
+    if ids is not None: assert abs(ref.item() - clip_loss(a, b, ls).item()) > 1e-3   # the repeated texts do change the loss
     for r in range(2):
         got = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         torch.testing.assert_close(got["loss"], ref.detach())

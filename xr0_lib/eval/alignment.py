@@ -24,7 +24,7 @@ from torch import nn
 from transformers import BertConfig, BertModel
 
 from ..augment import MultiCrop, make_eval_transform
-from ..core import progress
+from ..core import digest, progress
 from ..data.manifest import read_image
 from ..knn import cosine_topk
 from ..models.backbones import ModelConfig, build_backbone, export_hf, load_backbone, preprocess_config
@@ -41,16 +41,30 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
     return torch.cat(dist_nn.all_gather(x.contiguous()), 0)
 
+def _gather_ids(x: torch.Tensor) -> torch.Tensor:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())           # ids carry no gradient
+    return torch.cat(out, 0)
+
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              gather: bool = True) -> torch.Tensor:
-    "Symmetric InfoNCE of paired rows (pair i = row i), with `exp(logit_scale)` as inverse temperature; negatives gathered across ranks."
+              gather: bool = True, text_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE of paired rows (pair i = row i), with `exp(logit_scale)` as inverse temperature; negatives gathered
+    across ranks. `text_ids` (B,): rows with equal ids are positives for each other."""
     if image_features.shape != text_features.shape:
         raise ValueError(f"image features {tuple(image_features.shape)} and text features {tuple(text_features.shape)} must match")
     img, txt = F.normalize(image_features, dim=-1), F.normalize(text_features, dim=-1)
+    if text_ids is not None and text_ids.shape != image_features.shape[:1]:
+        raise ValueError(f"text_ids has shape {tuple(text_ids.shape)}; expected ({len(image_features)},), one id per row")
     if gather: img, txt = _gather(img), _gather(txt)
     logits = logit_scale.exp() * img @ txt.T
-    labels = torch.arange(len(img), device=img.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    if text_ids is None:
+        labels = torch.arange(len(img), device=img.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    ids = _gather_ids(text_ids) if gather else text_ids
+    same = (ids[:, None] == ids[None, :]).to(logits.dtype)      # symmetric, so one target serves both directions
+    target = same / same.sum(1, keepdim=True)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 # %% ../../nbs/58c_eval.alignment.ipynb #6b58bcbc
 MAX_LOGIT_SCALE = math.log(100)
@@ -70,8 +84,8 @@ class ClipAligner(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.text_proj(self.text_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, 0])
 
-    def forward(self, images, input_ids, attention_mask) -> torch.Tensor:
-        return clip_loss(self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale)
+    def forward(self, images, input_ids, attention_mask, text_ids=None) -> torch.Tensor:
+        return clip_loss(self.encode_image(images), self.encode_text(input_ids, attention_mask), self.logit_scale, text_ids=text_ids)
 
     @torch.no_grad()
     def clamp_(self) -> "ClipAligner":
@@ -95,10 +109,11 @@ class AlignConfig:
     augment: str = "global"        # global: XR-0's global-crop set; none: the eval transform only
     max_length: int = 64
     freeze_image: bool = False
+    duplicate_positives: bool = False   # equal texts in a batch are positives for each other (clip_loss's text_ids)
     seed: int = 0
 
 ALIGN_PRESETS = {"xr0": {},
-                 "phantom": dict(epochs=10, warmup_epochs=1, batch_size=16, lr_proj=1e-3, lr_encoder=3e-4, init_temperature=0.3,
+                 "phantom": dict(epochs=40, warmup_epochs=1, batch_size=16, lr_proj=1e-3, lr_encoder=3e-4, init_temperature=0.3,
                                  augment="none")}
 
 def align_preset(name: str, **overrides) -> AlignConfig:
@@ -125,7 +140,8 @@ def _train_transform(pc: dict, cfg):
 def _collate(tokenizer, max_length):
     def f(items):
         x = tokenizer([t for _, t in items], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        return torch.stack([i for i, _ in items]), x["input_ids"], x["attention_mask"]
+        ids = torch.tensor([int(digest(t, size=7), 16) for _, t in items])   # 56-bit text hash: equal on every rank, fits int64
+        return torch.stack([i for i, _ in items]), x["input_ids"], x["attention_mask"], ids
     return f
 
 def _groups(model: ClipAligner, cfg: AlignConfig) -> list[dict]:
@@ -166,10 +182,10 @@ def train_alignment(model: ClipAligner, tokenizer, pairs: pd.DataFrame, paths, c
     random.seed(cfg.seed + start); torch.manual_seed(cfg.seed + start)
     for ep in range(start, cfg.epochs):
         model.train(); losses = []
-        for j, (im, ids, am) in enumerate(progress(dl, desc=f"align epoch {ep}", disable=(not show_progress) if show_progress is not None else None)):
+        for j, (im, ids, am, tids) in enumerate(progress(dl, desc=f"align epoch {ep}", disable=(not show_progress) if show_progress is not None else None)):
             it = ep * len(dl) + j
             apply_schedules(opt, dict(lr=float(lr[it]), last_layer_lr=float(lr[it]), weight_decay=float(wd[it])))
-            loss = model(im, ids, am)
+            loss = model(im, ids, am, tids if cfg.duplicate_positives else None)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); model.clamp_()
             losses.append(loss.item())
         history.append(dict(epoch=ep, loss=float(np.mean(losses)), logit_scale=float(model.logit_scale.detach().exp()), lr=float(lr[min(it, total - 1)])))

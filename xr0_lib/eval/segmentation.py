@@ -198,11 +198,14 @@ class ViTDetSegHead(nn.Module):
 # %% ../../nbs/57_eval.segmentation.ipynb #ab0083a5
 SEG_HEADS = ("linear", "upernet", "vitdet")
 
-def make_head(name: str, backbone: nn.Module, n_classes: int, layers: Sequence[int] | None = None, channels: int = 256) -> nn.Module:
-    "A segmentation head `name` ('linear' | 'upernet' | 'vitdet') for `backbone`, tapping `layers` (default: last / four spread)."
+def make_head(name: str, backbone: nn.Module, n_classes: int, layers: Sequence[int] | None = None, channels: int = 256,
+              fuse: float | None = None) -> nn.Module:
+    """A segmentation head `name` ('linear' | 'upernet' | 'vitdet') for `backbone`, tapping `layers` (default: last / four spread);
+    `fuse`: UPerNet's fusion scale (None: the finest pyramid level)."""
     d, depth = backbone.embed_dim, len(backbone.blocks)
+    if fuse is not None and name != "upernet": raise ValueError(f"fuse={fuse} applies to the upernet head only, not {name!r}")
     if name == "linear": return LinearSegHead(d, n_classes, layers or [depth - 1])
-    if name == "upernet": return UPerNetSegHead(d, n_classes, layers or default_layers(depth), channels)
+    if name == "upernet": return UPerNetSegHead(d, n_classes, layers or default_layers(depth), channels, fuse=fuse)
     if name == "vitdet": return ViTDetSegHead(d, n_classes, layers or default_layers(depth), channels)
     raise ValueError(f"unknown segmentation head {name!r}; expected one of {SEG_HEADS}")
 
@@ -400,7 +403,7 @@ class SegResult:
     runs: pd.DataFrame
 
 def compare_segmentation(backbones: dict, df: pd.DataFrame, tasks: Sequence, heads: Sequence[str] = SEG_HEADS, cfg: SegConfig = SegConfig(),
-                         reference: str | None = None, n_resamples: int = 500, channels: int = 256, layers: dict | None = None,
+                         reference: str | None = None, n_resamples: int = 500, channels: int = 256, layers: dict | None = None, upernet_fuse: float | None = None,
                          fractions: Sequence[float] = (1.0,), seeds: Sequence[int] | None = None, fraction_dir=None,
                          cache_dir=None) -> SegResult:
     "Train every head of `heads` on every frozen backbone (name -> module) for every task, fraction and seed; Dice with CIs and paired Δ; runs kept in `cache_dir` when given."
@@ -417,7 +420,7 @@ def compare_segmentation(backbones: dict, df: pd.DataFrame, tasks: Sequence, hea
                 skipped.append(dict(task=t.name, split="all", image_id="", reason=f"backbone {bname}: too few images "
                                     f"(train {len(data['train'])}, val {len(data['val'])}, test {len(data['test'])})")); continue
             tests[(t.name, bname)] = data["test"]
-            feats = _lazy_features(bb, data, lambda: {l for h in heads for l in make_head(h, bb, len(t.classes), (layers or {}).get(h), channels).layers}, cfg)
+            feats = _lazy_features(bb, data, lambda: {l for h in heads for l in make_head(h, bb, len(t.classes), (layers or {}).get(h), channels, upernet_fuse if h == "upernet" else None).layers}, cfg)
             ident = dict(what="segmentation run", backbone=[_weights_hash(bb), preprocess_config(bb)], task=t.name, classes=list(t.classes),
                          data=digest(*[a for s in ("train", "val", "test") for a in (data[s].images, data[s].masks, [str(i) for i in data[s].image_ids])]),
                          code=code) if cache_dir is not None else {}
@@ -430,12 +433,12 @@ def compare_segmentation(backbones: dict, df: pd.DataFrame, tasks: Sequence, hea
                     def run(h=h, ids=ids, sd=sd, bb=bb, data=data, feats=feats):
                         tr, trf = _subset(data["train"], ids, feats("train")); val = feats("val")
                         torch.manual_seed(sd)
-                        head = make_head(h, bb, len(t.classes), (layers or {}).get(h), channels)
+                        head = make_head(h, bb, len(t.classes), (layers or {}).get(h), channels, upernet_fuse if h == "upernet" else None)
                         info = fit_segmentation(bb, head, tr, data["val"], replace(cfg, seed=sd), ([trf[l] for l in head.layers] if trf else None,
                                                                                                    [val[l] for l in head.layers]))
                         return predict_masks(bb, head, data["test"], threshold=cfg.threshold, batch_size=cfg.feature_batch), info
                     key = dict(ident, head=h, fraction=fr, seed=sd, rows=digest(sorted(str(i) for i in ids)), cfg=asdict(replace(cfg, seed=sd)),
-                               channels=channels, layers=(layers or {}).get(h)) if cache_dir is not None else None
+                               channels=channels, layers=(layers or {}).get(h), **({"fuse": upernet_fuse} if upernet_fuse is not None and h == "upernet" else {})) if cache_dir is not None else None
                     p, info = _kept_masks(cache_dir, f"seg-{bname}-{t.name}-{h}-f{fr}-s{sd}", key, run)
                     if fr == max(fractions) and sd == seeds[0]: preds[(t.name, h, bname)] = p
                     scores.setdefault((h, fr, sd), {})[bname] = dice_scores(p, data["test"].masks)
