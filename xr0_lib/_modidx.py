@@ -401,8 +401,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'xr0_lib.eval.alignment._chance': ('eval.alignment.html#_chance', 'xr0_lib/eval/alignment.py'),
                                         'xr0_lib.eval.alignment._collate': ('eval.alignment.html#_collate', 'xr0_lib/eval/alignment.py'),
                                         'xr0_lib.eval.alignment._gather': ('eval.alignment.html#_gather', 'xr0_lib/eval/alignment.py'),
-                                        'xr0_lib.eval.alignment._gather_ids': ( 'eval.alignment.html#_gather_ids',
-                                                                                'xr0_lib/eval/alignment.py'),
                                         'xr0_lib.eval.alignment._groups': ('eval.alignment.html#_groups', 'xr0_lib/eval/alignment.py'),
                                         'xr0_lib.eval.alignment._save_state': ( 'eval.alignment.html#_save_state',
                                                                                 'xr0_lib/eval/alignment.py'),

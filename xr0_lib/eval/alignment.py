@@ -37,14 +37,11 @@ __all__ = ['MAX_LOGIT_SCALE', 'ALIGN_PRESETS', 'clip_loss', 'ClipAligner', 'Alig
            'encode_split', 'alignment_recall', 'zero_shot_auroc', 'save_aligner', 'load_aligner', 'benchmark_alignment']
 
 # %% ../../nbs/58c_eval.alignment.ipynb #105a4613
-def _gather(x: torch.Tensor) -> torch.Tensor:
+def _gather(x: torch.Tensor, grad: bool = True) -> torch.Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
-    return torch.cat(dist_nn.all_gather(x.contiguous()), 0)
-
-def _gather_ids(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1: return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())           # ids carry no gradient
+    if grad: return torch.cat(dist_nn.all_gather(x.contiguous()), 0)
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]   # integer ids: no gradient to carry
+    dist.all_gather(out, x.contiguous())
     return torch.cat(out, 0)
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -61,7 +58,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     if text_ids is None:
         labels = torch.arange(len(img), device=img.device)
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    ids = _gather_ids(text_ids) if gather else text_ids
+    ids = _gather(text_ids, grad=False) if gather else text_ids
     same = (ids[:, None] == ids[None, :]).to(logits.dtype)      # symmetric, so one target serves both directions
     target = same / same.sum(1, keepdim=True)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
@@ -137,10 +134,11 @@ def _train_transform(pc: dict, cfg):
     crop = MultiCrop(global_size=int(pc["crop_size"]), n_local=0, global_scale=tuple(cfg.crop_scale), hflip_p=0.0, mean=pc["mean"], std=pc["std"])
     return lambda img: crop(img)["global_crops"][0]
 
-def _collate(tokenizer, max_length):
+def _collate(tokenizer, max_length, text_ids: bool = False):
     def f(items):
         x = tokenizer([t for _, t in items], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        ids = torch.tensor([int(digest(t, size=7), 16) for _, t in items])   # 56-bit text hash: equal on every rank, fits int64
+        # 56-bit text hash: equal on every rank and fits int64; only computed when the loss uses it
+        ids = torch.tensor([int(digest(t, size=7), 16) for _, t in items]) if text_ids else None
         return torch.stack([i for i, _ in items]), x["input_ids"], x["attention_mask"], ids
     return f
 
@@ -168,7 +166,7 @@ def train_alignment(model: ClipAligner, tokenizer, pairs: pd.DataFrame, paths, c
     bs = min(cfg.batch_size, len(pairs))
     g = torch.Generator().manual_seed(cfg.seed)
     dl = torch.utils.data.DataLoader(_Pairs(pairs, paths, tf), batch_size=bs, shuffle=True, drop_last=True, generator=g,
-                                     collate_fn=_collate(tokenizer, cfg.max_length))
+                                     collate_fn=_collate(tokenizer, cfg.max_length, cfg.duplicate_positives))
     opt = make_optimizer(_groups(model, cfg))
     total, warm = cfg.epochs * len(dl), cfg.warmup_epochs * len(dl)
     lr = warmup_cosine(cfg.lr_proj, cfg.lr_proj * cfg.min_lr_ratio, total, warm)
@@ -185,7 +183,7 @@ def train_alignment(model: ClipAligner, tokenizer, pairs: pd.DataFrame, paths, c
         for j, (im, ids, am, tids) in enumerate(progress(dl, desc=f"align epoch {ep}", disable=(not show_progress) if show_progress is not None else None)):
             it = ep * len(dl) + j
             apply_schedules(opt, dict(lr=float(lr[it]), last_layer_lr=float(lr[it]), weight_decay=float(wd[it])))
-            loss = model(im, ids, am, tids if cfg.duplicate_positives else None)
+            loss = model(im, ids, am, tids)
             opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); model.clamp_()
             losses.append(loss.item())
         history.append(dict(epoch=ep, loss=float(np.mean(losses)), logit_scale=float(model.logit_scale.detach().exp()), lr=float(lr[min(it, total - 1)])))

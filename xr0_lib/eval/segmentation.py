@@ -420,7 +420,8 @@ def compare_segmentation(backbones: dict, df: pd.DataFrame, tasks: Sequence, hea
                 skipped.append(dict(task=t.name, split="all", image_id="", reason=f"backbone {bname}: too few images "
                                     f"(train {len(data['train'])}, val {len(data['val'])}, test {len(data['test'])})")); continue
             tests[(t.name, bname)] = data["test"]
-            feats = _lazy_features(bb, data, lambda: {l for h in heads for l in make_head(h, bb, len(t.classes), (layers or {}).get(h), channels, upernet_fuse if h == "upernet" else None).layers}, cfg)
+            def head_of(h, bb=bb): return make_head(h, bb, len(t.classes), (layers or {}).get(h), channels, upernet_fuse if h == "upernet" else None)
+            feats = _lazy_features(bb, data, lambda: {l for h in heads for l in head_of(h).layers}, cfg)
             ident = dict(what="segmentation run", backbone=[_weights_hash(bb), preprocess_config(bb)], task=t.name, classes=list(t.classes),
                          data=digest(*[a for s in ("train", "val", "test") for a in (data[s].images, data[s].masks, [str(i) for i in data[s].image_ids])]),
                          code=code) if cache_dir is not None else {}
@@ -433,7 +434,7 @@ def compare_segmentation(backbones: dict, df: pd.DataFrame, tasks: Sequence, hea
                     def run(h=h, ids=ids, sd=sd, bb=bb, data=data, feats=feats):
                         tr, trf = _subset(data["train"], ids, feats("train")); val = feats("val")
                         torch.manual_seed(sd)
-                        head = make_head(h, bb, len(t.classes), (layers or {}).get(h), channels, upernet_fuse if h == "upernet" else None)
+                        head = head_of(h, bb)
                         info = fit_segmentation(bb, head, tr, data["val"], replace(cfg, seed=sd), ([trf[l] for l in head.layers] if trf else None,
                                                                                                    [val[l] for l in head.layers]))
                         return predict_masks(bb, head, data["test"], threshold=cfg.threshold, batch_size=cfg.feature_batch), info
