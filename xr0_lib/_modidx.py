@@ -744,6 +744,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                  'xr0_lib/eval/report_gen.py'),
                                          'xr0_lib.eval.report_gen._lm_folder': ( 'eval.report_gen.html#_lm_folder',
                                                                                  'xr0_lib/eval/report_gen.py'),
+                                         'xr0_lib.eval.report_gen._mean_loss': ( 'eval.report_gen.html#_mean_loss',
+                                                                                 'xr0_lib/eval/report_gen.py'),
                                          'xr0_lib.eval.report_gen._text_batches': ( 'eval.report_gen.html#_text_batches',
                                                                                     'xr0_lib/eval/report_gen.py'),
                                          'xr0_lib.eval.report_gen._trainable': ( 'eval.report_gen.html#_trainable',

@@ -251,6 +251,14 @@ def pretrain_lm(lm, tokenizer, texts, epochs: int = 5, batch_size: int = 16, lr:
 def _trainable(model) -> dict:
     return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
 
+@torch.no_grad()
+def _mean_loss(model, visual, texts, cfg) -> float:
+    "Mean teacher-forced report loss of `model` on (visual, texts), in eval mode."
+    was = model.training; model.eval(); tot, n = 0.0, 0
+    for sel, ids, am in _text_batches(model.tokenizer, texts, cfg.max_length, 64, np.random.default_rng(0)):
+        tot += model(visual[sel], ids, am).loss.item() * len(sel); n += len(sel)
+    model.train(was); return tot / max(n, 1)
+
 def _aux_heads(texts, labeller, dim: int):
     "Report-derived targets (N, K) (-1: not stated) of every labeller key and one linear head per key on `dim` features."
     lab = [labeller(t) for t in texts]; keys = sorted(lab[0])
@@ -259,15 +267,19 @@ def _aux_heads(texts, labeller, dim: int):
     y = torch.tensor([[cls[k].index(str(x[k])) if x[k] is not None else -1 for k in keys] for x in lab], dtype=torch.long)
     return y.reshape(len(texts), len(keys)), nn.ModuleList([nn.Linear(dim, len(cls[k])) for k in keys])
 
+
+# %% ../../nbs/58e_eval.report_gen.ipynb #c96fccbbb
 def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None, val_texts=None, show_progress: bool = False,
                        labeller=None) -> list[dict]:
     """Train `model` on visual tokens (N, T, D) and report texts; with validation data keep the epoch with the best
-    mean(BLEU-4, CIDEr) on greedy decodes (its weights are loaded at the end). With `labeller` (text → dict) and
+    mean(BLEU-4, CIDEr) on greedy decodes, ties going to the lower validation loss (greedy decodes of a few
+    reports often tie while the model still learns the rarer sentences); its weights are loaded at the end. With `labeller` (text → dict) and
     `cfg.aux_weight` > 0, linear heads on the mean projected token also learn the labels read from each training report.
     Returns the per-epoch history."""
     cfg, tk = model.cfg, model.tokenizer
     if len(visual) != len(texts): raise ValueError(f"{len(visual)} visual token sets for {len(texts)} reports")
     texts = list(texts); rng = np.random.default_rng(cfg.seed); torch.manual_seed(cfg.seed)
+    V = torch.as_tensor(np.asarray(visual), dtype=torch.float32)
     groups = [dict(params=list(model.projector.parameters()), lr=cfg.lr)]
     aux = labeller is not None and cfg.aux_weight > 0
     if aux:   # training-only heads: they shape the projector, and are not part of the saved generator
@@ -276,11 +288,11 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
     lm_p = [p for p in model.lm.parameters() if p.requires_grad]
     if lm_p: groups.append(dict(params=lm_p, lr=cfg.lr_lm))
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    V = torch.as_tensor(np.asarray(visual), dtype=torch.float32)
     if cfg.standardize:   # frozen features differ in scale per channel (a random-init ViT's barely vary between images)
         flat = V.reshape(-1, V.shape[-1])
         model.projector.shift.copy_(flat.mean(0)); model.projector.scale.copy_(flat.std(0) + 1e-6)
-    hist, best, best_state = [], -np.inf, None
+    hist, best, best_state = [], (-np.inf, -np.inf), None
+    Vv = None if val_visual is None else torch.as_tensor(np.asarray(val_visual), dtype=torch.float32)
     for ep in progress(range(cfg.epochs), desc="report generator", disable=not show_progress):
         model.train(); losses, t0 = [], time.perf_counter()
         for sel, ids, am in _text_batches(tk, texts, cfg.max_length, cfg.batch_size, rng):
@@ -294,12 +306,13 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
         if val_visual is not None and len(val_visual) and ((ep + 1) % cfg.val_every == 0 or ep + 1 == cfg.epochs):
             n = len(val_visual) if cfg.val_max is None else min(cfg.val_max, len(val_visual))
             sc = corpus_scores(report_stats(generate_reports(model, val_visual[:n], decoding="greedy"), list(val_texts)[:n]))
-            h.update(val_bleu4=sc["bleu4"], val_cider=sc["cider"], selection=(sc["bleu4"] + sc["cider"]) / 2)
-            if h["selection"] > best: best, best_state = h["selection"], _trainable(model)
+            h.update(val_bleu4=sc["bleu4"], val_cider=sc["cider"], selection=(sc["bleu4"] + sc["cider"]) / 2,
+                     val_loss=_mean_loss(model, Vv[:n], list(val_texts)[:n], cfg))
+            if (h["selection"], -h["val_loss"]) > best: best, best_state = (h["selection"], -h["val_loss"]), _trainable(model)
         hist.append(h)
     if best_state is not None: model.load_state_dict(best_state, strict=False)
-    sel = [h.get("selection", -np.inf) for h in hist]
-    for i, h in enumerate(hist): h["selected"] = bool(best_state is not None and i == int(np.argmax(sel)))   # the first best epoch
+    sel = [(h.get("selection", -np.inf), -h.get("val_loss", np.inf)) for h in hist]
+    for i, h in enumerate(hist): h["selected"] = bool(best_state is not None and i == max(range(len(sel)), key=sel.__getitem__))
     return hist
 
 # %% ../../nbs/58e_eval.report_gen.ipynb #63c849ff
