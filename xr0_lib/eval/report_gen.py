@@ -279,7 +279,6 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
     cfg, tk = model.cfg, model.tokenizer
     if len(visual) != len(texts): raise ValueError(f"{len(visual)} visual token sets for {len(texts)} reports")
     texts = list(texts); rng = np.random.default_rng(cfg.seed); torch.manual_seed(cfg.seed)
-    V = torch.as_tensor(np.asarray(visual), dtype=torch.float32)
     groups = [dict(params=list(model.projector.parameters()), lr=cfg.lr)]
     aux = labeller is not None and cfg.aux_weight > 0
     if aux:   # training-only heads: they shape the projector, and are not part of the saved generator
@@ -288,6 +287,7 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
     lm_p = [p for p in model.lm.parameters() if p.requires_grad]
     if lm_p: groups.append(dict(params=lm_p, lr=cfg.lr_lm))
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    V = torch.as_tensor(np.asarray(visual), dtype=torch.float32)
     if cfg.standardize:   # frozen features differ in scale per channel (a random-init ViT's barely vary between images)
         flat = V.reshape(-1, V.shape[-1])
         model.projector.shift.copy_(flat.mean(0)); model.projector.scale.copy_(flat.std(0) + 1e-6)
