@@ -30,8 +30,9 @@ from .report_metrics import corpus_scores, report_stats
 
 # %% auto #0
 __all__ = ['DEFAULT_PROMPT', 'report_targets', 'train_report_tokenizer', 'small_lm', 'load_lm', 'save_lm', 'ReportGenConfig',
-           'visual_tokens', 'random_init_like', 'Projector', 'PrefixReportModel', 'generate_reports', 'pretrain_lm',
-           'train_report_model', 'save_report_model', 'load_report_model', 'report_comparison', 'benchmark_report_gen']
+           'visual_tokens', 'random_init_like', 'SummaryTokens', 'Projector', 'PrefixReportModel', 'generate_reports',
+           'pretrain_lm', 'train_report_model', 'save_report_model', 'load_report_model', 'report_comparison',
+           'benchmark_report_gen']
 
 # %% ../../nbs/58e_eval.report_gen.ipynb #0effc9ea
 def report_targets(df: pd.DataFrame, column: str = "report", max_chars: int = 20_000) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -120,6 +121,8 @@ class ReportGenConfig:
     val_max: int | None = 64        # validation reports decoded per epoch for checkpoint selection (None: all)
     val_every: int = 1              # decode the validation reports every val_every epochs (and after the last)
     aux_weight: float = 0.0         # > 0 with a `labeller`: + aux_weight x cross-entropy of report-derived labels from the mean projected token
+                                    # (from the summary tokens when there are any)
+    summary_tokens: int = 0         # > 0: that many position-aware summary tokens follow the projected ones (`SummaryTokens`; not in the papers)
     standardize: bool = True        # z-score each visual feature with the training tokens' mean/sd (saved with the projector)
     seed: int = 0
     def __post_init__(self):
@@ -148,6 +151,20 @@ def random_init_like(backbone, seed: int = 0):
     if getattr(backbone, "preprocess", None) is not None: m.preprocess = dict(backbone.preprocess)
     return m
 
+# %% ../../nbs/58e_eval.report_gen.ipynb #summarytok1
+class SummaryTokens(nn.Module):
+    """`k` LM embeddings that summarise a whole standardised token grid (B, T, D) → (B, k, D_lm): each token reduced to
+    `reduce` channels, the grid flattened so that every position has its own weights, then Linear–GELU–Linear. A per-token
+    projector weighs every position alike, and a small LM does not learn to tell them apart, so a finding set by where an
+    edge lies (the heart's border) is never read; the papers' 7B LMs do this themselves."""
+    def __init__(self, n_tokens: int, in_dim: int, out_dim: int, k: int = 4, reduce: int = 8, hidden: int = 256):
+        super().__init__()
+        self.k, self.out_dim = k, out_dim
+        self.reduce = nn.Linear(in_dim, reduce)
+        self.mix = nn.Sequential(nn.Linear(n_tokens * reduce, hidden), nn.GELU(), nn.Linear(hidden, k * out_dim))
+    def forward(self, z): return self.mix(self.reduce(z).flatten(1)).view(len(z), self.k, self.out_dim)
+
+
 # %% ../../nbs/58e_eval.report_gen.ipynb #f2d90412
 class Projector(nn.Sequential):
     "Visual tokens (B, T, D_img) → LM embeddings (B, T, D_lm): standardised, then linear or Linear–GELU–Linear (`mlp`)."
@@ -156,16 +173,21 @@ class Projector(nn.Sequential):
         super().__init__(*([nn.Linear(in_dim, out_dim)] if kind == "linear" else
                            [nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim)]))
         self.register_buffer("shift", torch.zeros(in_dim)); self.register_buffer("scale", torch.ones(in_dim))
-    def forward(self, x): return super().forward((x - self.shift) / self.scale)
+    def standardise(self, x): return (x - self.shift) / self.scale
+    def forward(self, x): return super().forward(self.standardise(x))
 
 class PrefixReportModel(nn.Module):
-    "A projector into a causal LM's embedding space, the prompt, and the LM (frozen, LoRA or fully trained)."
-    def __init__(self, lm, tokenizer, visual_dim: int, cfg: ReportGenConfig):
+    """A projector into a causal LM's embedding space (and `cfg.summary_tokens` summary tokens of the `n_visual` visual
+    tokens), the prompt, and the LM (frozen, LoRA or fully trained)."""
+    def __init__(self, lm, tokenizer, visual_dim: int, cfg: ReportGenConfig, n_visual: int | None = None):
         super().__init__()
-        self.cfg, self.tokenizer, self.visual_dim = cfg, tokenizer, visual_dim
+        self.cfg, self.tokenizer, self.visual_dim, self.n_visual = cfg, tokenizer, visual_dim, n_visual
+        if cfg.summary_tokens and not n_visual: raise ValueError("ReportGenConfig.summary_tokens > 0 needs n_visual (visual tokens per image)")
+        d_lm = lm.get_input_embeddings().weight.shape[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.projector = Projector(visual_dim, lm.get_input_embeddings().weight.shape[1], cfg.projector)
+            self.projector = Projector(visual_dim, d_lm, cfg.projector)
+            self.summary = SummaryTokens(n_visual, visual_dim, d_lm, cfg.summary_tokens) if cfg.summary_tokens else None
         if cfg.lm_mode == "lora":
             lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
                                                target_modules=list(cfg.lora_targets) if cfg.lora_targets else None,
@@ -177,10 +199,11 @@ class PrefixReportModel(nn.Module):
         self.register_buffer("prompt_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
 
     def prefix(self, visual: torch.Tensor) -> torch.Tensor:
-        "(B, T + P, D_lm) embeddings of the projected visual tokens and the prompt."
+        "(B, T (+ k) + P, D_lm) embeddings of the projected visual tokens (then the summary tokens) and the prompt."
         emb = self.lm.get_input_embeddings()
         p = emb(self.prompt_ids.to(visual.device))[None].expand(len(visual), -1, -1)
-        return torch.cat([self.projector(visual.to(p.dtype)), p], 1)
+        v = visual.to(p.dtype)
+        return torch.cat([self.projector(v)] + ([self.summary(self.projector.standardise(v))] if self.summary is not None else []) + [p], 1)
 
     def forward(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         "LM output with the loss on report tokens only (`input_ids` right-padded, `attention_mask` 1 on real tokens)."
@@ -279,10 +302,10 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
     cfg, tk = model.cfg, model.tokenizer
     if len(visual) != len(texts): raise ValueError(f"{len(visual)} visual token sets for {len(texts)} reports")
     texts = list(texts); rng = np.random.default_rng(cfg.seed); torch.manual_seed(cfg.seed)
-    groups = [dict(params=list(model.projector.parameters()), lr=cfg.lr)]
+    groups = [dict(params=list(model.projector.parameters()) + (list(model.summary.parameters()) if model.summary is not None else []), lr=cfg.lr)]
     aux = labeller is not None and cfg.aux_weight > 0
     if aux:   # training-only heads: they shape the projector, and are not part of the saved generator
-        Y, heads = _aux_heads(texts, labeller, model.lm.get_input_embeddings().weight.shape[1])
+        Y, heads = _aux_heads(texts, labeller, model.lm.get_input_embeddings().weight.shape[1] * (cfg.summary_tokens or 1))
         if len(heads): groups.append(dict(params=list(heads.parameters()), lr=cfg.lr))
     lm_p = [p for p in model.lm.parameters() if p.requires_grad]
     if lm_p: groups.append(dict(params=lm_p, lr=cfg.lr_lm))
@@ -298,7 +321,8 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
         for sel, ids, am in _text_batches(tk, texts, cfg.max_length, cfg.batch_size, rng):
             loss = model(V[sel], ids, am).loss
             if aux:
-                z = model.projector(V[sel]).mean(1)
+                z = (model.projector(V[sel]).mean(1) if model.summary is None else
+                     model.summary(model.projector.standardise(V[sel])).flatten(1))   # the summary: where the positions are told apart
                 ce = [nn.functional.cross_entropy(hd(z), Y[sel, j], ignore_index=-1) for j, hd in enumerate(heads) if (Y[sel, j] >= 0).any()]
                 if ce: loss = loss + cfg.aux_weight * torch.stack(ce).mean()
             opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
@@ -329,7 +353,9 @@ def save_report_model(model: PrefixReportModel, folder, lm_source: str | None = 
     if copy: save_lm(model.tokenizer, base, folder / "lm")
     if model.cfg.lm_mode == "lora": save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model.lm).items()}, folder / "lora.safetensors")
     save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()}, folder / "projector.safetensors")
-    (folder / "config.json").write_text(json.dumps(dict(config=cfg, visual_dim=model.visual_dim, lm="lm" if copy else str(lm_source)), indent=1))
+    if model.summary is not None: save_file({k: v.contiguous() for k, v in model.summary.state_dict().items()}, folder / "summary.safetensors")
+    (folder / "config.json").write_text(json.dumps(dict(config=cfg, visual_dim=model.visual_dim, n_visual=model.n_visual,
+                                                        lm="lm" if copy else str(lm_source)), indent=1))
     return folder
 
 def load_report_model(folder) -> PrefixReportModel:
@@ -339,8 +365,9 @@ def load_report_model(folder) -> PrefixReportModel:
     meta = json.loads((folder / "config.json").read_text())
     cfg = ReportGenConfig(**meta["config"])
     tk, lm = load_lm(folder / meta["lm"] if meta["lm"] == "lm" else meta["lm"])
-    model = PrefixReportModel(lm, tk, meta["visual_dim"], cfg)
+    model = PrefixReportModel(lm, tk, meta["visual_dim"], cfg, meta.get("n_visual"))
     model.projector.load_state_dict(load_file(folder / "projector.safetensors"))
+    if model.summary is not None: model.summary.load_state_dict(load_file(folder / "summary.safetensors"))
     if cfg.lm_mode == "lora": set_peft_model_state_dict(model.lm, load_file(folder / "lora.safetensors"))
     return model.eval()
 
@@ -370,7 +397,7 @@ def report_comparison(models: dict, df: pd.DataFrame, split: dict, lm_path, cfg:
             saving = save_model is not None and save_model[0] == name and f == top
             def run():
                 tok_f, lm_f = load_lm(lm_path); t0 = time.perf_counter()
-                model = PrefixReportModel(lm_f, tok_f, feats.shape[-1], cfg)
+                model = PrefixReportModel(lm_f, tok_f, feats.shape[-1], cfg, n_visual=feats.shape[1])
                 h = train_report_model(model, feats[tr.row.to_numpy()[pos]], list(tr.text.iloc[pos]), feats[va.row.to_numpy()], list(va.text),
                                        labeller=labeller)
                 hyp = [g if valid[r] else "" for g, r in zip(generate_reports(model, feats[test.row.to_numpy()]), test.row)]   # no tokens: an empty report
