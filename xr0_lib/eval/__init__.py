@@ -49,7 +49,7 @@ _MODULES = {
         "RADGRAPH_SKIP", "ReportStats", "TOKENISATION", "bootstrap_reports", "chexbert_f1", "chexbert_folder",
         "corpus_scores", "load_chexbert", "optional_chexbert", "save_chexbert", "label_report", "most_common_report",
         "report_stats", "tokenize_report"],
-    "report_gen": ["DEFAULT_PROMPT", "PrefixReportModel", "Projector", "ReportGenConfig", "benchmark_report_gen",
+    "report_gen": ["DEFAULT_PROMPT", "PrefixReportModel", "Projector", "ReportGenConfig", "SummaryTokens", "benchmark_report_gen",
         "generate_reports", "load_lm", "load_report_model", "pretrain_lm", "random_init_like", "report_comparison", "report_targets", "save_lm",
         "save_report_model", "small_lm", "train_report_model", "train_report_tokenizer", "visual_tokens"],
     "gpu_bench": ["benchmark_fsdp_step", "benchmark_gpu"],
