@@ -728,6 +728,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                 'xr0_lib/eval/report_gen.py'),
                                          'xr0_lib.eval.report_gen.PrefixReportModel.prefix': ( 'eval.report_gen.html#prefixreportmodel.prefix',
                                                                                                'xr0_lib/eval/report_gen.py'),
+                                         'xr0_lib.eval.report_gen.PrefixReportModel.summarise': ( 'eval.report_gen.html#prefixreportmodel.summarise',
+                                                                                                  'xr0_lib/eval/report_gen.py'),
                                          'xr0_lib.eval.report_gen.Projector': ( 'eval.report_gen.html#projector',
                                                                                 'xr0_lib/eval/report_gen.py'),
                                          'xr0_lib.eval.report_gen.Projector.__init__': ( 'eval.report_gen.html#projector.__init__',

@@ -203,7 +203,11 @@ class PrefixReportModel(nn.Module):
         emb = self.lm.get_input_embeddings()
         p = emb(self.prompt_ids.to(visual.device))[None].expand(len(visual), -1, -1)
         v = visual.to(p.dtype)
-        return torch.cat([self.projector(v)] + ([self.summary(self.projector.standardise(v))] if self.summary is not None else []) + [p], 1)
+        return torch.cat([self.projector(v)] + ([self.summarise(v)] if self.summary is not None else []) + [p], 1)
+
+    def summarise(self, visual: torch.Tensor) -> torch.Tensor:
+        "(B, k, D_lm) summary tokens of `visual` (B, T, D), standardised as the projector does."
+        return self.summary(self.projector.standardise(visual))
 
     def forward(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         "LM output with the loss on report tokens only (`input_ids` right-padded, `attention_mask` 1 on real tokens)."
@@ -314,7 +318,7 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
     if cfg.standardize:   # frozen features differ in scale per channel (a random-init ViT's barely vary between images)
         flat = V.reshape(-1, V.shape[-1])
         model.projector.shift.copy_(flat.mean(0)); model.projector.scale.copy_(flat.std(0) + 1e-6)
-    hist, best, best_state = [], (-np.inf, -np.inf), None
+    hist, best, best_state, best_ep = [], (-np.inf, -np.inf), None, None
     Vv = None if val_visual is None else torch.as_tensor(np.asarray(val_visual), dtype=torch.float32)
     for ep in progress(range(cfg.epochs), desc="report generator", disable=not show_progress):
         model.train(); losses, t0 = [], time.perf_counter()
@@ -322,7 +326,7 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
             loss = model(V[sel], ids, am).loss
             if aux:
                 z = (model.projector(V[sel]).mean(1) if model.summary is None else
-                     model.summary(model.projector.standardise(V[sel])).flatten(1))   # the summary: where the positions are told apart
+                     model.summarise(V[sel]).flatten(1))   # the summary: where the positions are told apart
                 ce = [nn.functional.cross_entropy(hd(z), Y[sel, j], ignore_index=-1) for j, hd in enumerate(heads) if (Y[sel, j] >= 0).any()]
                 if ce: loss = loss + cfg.aux_weight * torch.stack(ce).mean()
             opt.zero_grad(); loss.backward(); opt.step(); losses.append(loss.item())
@@ -332,11 +336,10 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
             sc = corpus_scores(report_stats(generate_reports(model, val_visual[:n], decoding="greedy"), list(val_texts)[:n]))
             h.update(val_bleu4=sc["bleu4"], val_cider=sc["cider"], selection=(sc["bleu4"] + sc["cider"]) / 2,
                      val_loss=_mean_loss(model, Vv[:n], list(val_texts)[:n], cfg))
-            if (h["selection"], -h["val_loss"]) > best: best, best_state = (h["selection"], -h["val_loss"]), _trainable(model)
+            if (h["selection"], -h["val_loss"]) > best: best, best_state, best_ep = (h["selection"], -h["val_loss"]), _trainable(model), ep
         hist.append(h)
     if best_state is not None: model.load_state_dict(best_state, strict=False)
-    sel = [(h.get("selection", -np.inf), -h.get("val_loss", np.inf)) for h in hist]
-    for i, h in enumerate(hist): h["selected"] = bool(best_state is not None and i == max(range(len(sel)), key=sel.__getitem__))
+    for i, h in enumerate(hist): h["selected"] = i == best_ep
     return hist
 
 # %% ../../nbs/58e_eval.report_gen.ipynb #63c849ff
@@ -351,9 +354,10 @@ def save_report_model(model: PrefixReportModel, folder, lm_source: str | None = 
         base.load_state_dict({k.replace(".base_layer", ""): v for k, v in b.state_dict().items() if "lora_" not in k})
     copy = lm_source is None or model.cfg.lm_mode == "full"
     if copy: save_lm(model.tokenizer, base, folder / "lm")
-    if model.cfg.lm_mode == "lora": save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model.lm).items()}, folder / "lora.safetensors")
-    save_file({k: v.contiguous() for k, v in model.projector.state_dict().items()}, folder / "projector.safetensors")
-    if model.summary is not None: save_file({k: v.contiguous() for k, v in model.summary.state_dict().items()}, folder / "summary.safetensors")
+    parts = dict(projector=model.projector.state_dict(), summary=model.summary.state_dict() if model.summary is not None else None,
+                 lora=get_peft_model_state_dict(model.lm) if model.cfg.lm_mode == "lora" else None)
+    for name, sd in parts.items():
+        if sd is not None: save_file({k: v.contiguous() for k, v in sd.items()}, folder / f"{name}.safetensors")
     (folder / "config.json").write_text(json.dumps(dict(config=cfg, visual_dim=model.visual_dim, n_visual=model.n_visual,
                                                         lm="lm" if copy else str(lm_source)), indent=1))
     return folder
