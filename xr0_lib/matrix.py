@@ -36,7 +36,7 @@ _PHANTOM_TASKS = {
     "segmentation": {"tasks": ["organs", "bones"], "heads": ["linear", "upernet"], "input_size": 112},
     "localisation": {"tasks": ["marker", "fracture"]},
     "grounding": {},
-    "report_generation": {"fractions": [0.1, 1.0]},
+    "report_generation": {"fractions": [0.1, 1.0], "select_by": "finding_f1"},   # phantom reports: the labeller reads them exactly
     "align": {},
 }
 _CI_TASKS = {
@@ -51,7 +51,7 @@ _CI_TASKS = {
     "localisation": {"tasks": ["marker"], "input_size": 56, "decoder": {"epochs": 2, "layers": 1, "width": 32, "query_mode": "patch", "box_size": 0.1},
                      "n_figure": 1},
     "grounding": {"epochs": 1},
-    "report_generation": {"epochs": 1, "fractions": [1.0]},
+    "report_generation": {"epochs": 1, "fractions": [1.0], "select_by": "finding_f1"},
     "align": {"epochs": 1, "text_hidden": 32, "text_layers": 1},
 }
 

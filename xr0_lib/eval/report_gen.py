@@ -120,6 +120,7 @@ class ReportGenConfig:
     max_new_tokens: int = 150
     val_max: int | None = 64        # validation reports decoded per epoch for checkpoint selection (None: all)
     val_every: int = 1              # decode the validation reports every val_every epochs (and after the last)
+    select_by: str = "bleu4_cider"  # bleu4_cider: mean(BLEU-4, CIDEr) (XR-0) | finding_f1: the labeller's macro finding F1 first
     aux_weight: float = 0.0         # > 0 with a `labeller`: + aux_weight x cross-entropy of report-derived labels from the mean projected token
                                     # (from the summary tokens when there are any)
     summary_tokens: int = 0         # > 0: that many position-aware summary tokens follow the projected ones (`SummaryTokens`; not in the papers)
@@ -127,7 +128,8 @@ class ReportGenConfig:
     seed: int = 0
     def __post_init__(self):
         for k, ok in (("tokens", ("cls", "patches", "pooled")), ("projector", ("linear", "mlp")),
-                      ("lm_mode", ("frozen", "lora", "full")), ("decoding", ("greedy", "beam", "sample"))):
+                      ("lm_mode", ("frozen", "lora", "full")), ("decoding", ("greedy", "beam", "sample")),
+                      ("select_by", ("bleu4_cider", "finding_f1"))):
             if getattr(self, k) not in ok: raise ValueError(f"ReportGenConfig.{k}={getattr(self, k)!r}; choose from {list(ok)}")
 
 # %% ../../nbs/58e_eval.report_gen.ipynb #c0fb85aa
@@ -299,12 +301,14 @@ def _aux_heads(texts, labeller, dim: int):
 def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None, val_texts=None, show_progress: bool = False,
                        labeller=None) -> list[dict]:
     """Train `model` on visual tokens (N, T, D) and report texts; with validation data keep the epoch with the best
-    mean(BLEU-4, CIDEr) on greedy decodes, ties going to the lower validation loss (greedy decodes of a few
-    reports often tie while the model still learns the rarer sentences); its weights are loaded at the end. With `labeller` (text → dict) and
+    mean(BLEU-4, CIDEr) on greedy decodes (with `cfg.select_by="finding_f1"`, the best `labeller` finding F1 first: a
+    template scores high on BLEU and CIDEr long before any finding is written), ties going to the lower validation loss
+    (greedy decodes of a few reports often tie while the model still learns the rarer sentences); its weights are loaded at the end. With `labeller` (text → dict) and
     `cfg.aux_weight` > 0, linear heads on the mean projected token also learn the labels read from each training report.
     Returns the per-epoch history."""
     cfg, tk = model.cfg, model.tokenizer
     if len(visual) != len(texts): raise ValueError(f"{len(visual)} visual token sets for {len(texts)} reports")
+    if cfg.select_by == "finding_f1" and labeller is None: raise ValueError("ReportGenConfig.select_by='finding_f1' needs a labeller (text → dict)")
     texts = list(texts); rng = np.random.default_rng(cfg.seed); torch.manual_seed(cfg.seed)
     groups = [dict(params=list(model.projector.parameters()) + (list(model.summary.parameters()) if model.summary is not None else []), lr=cfg.lr)]
     aux = labeller is not None and cfg.aux_weight > 0
@@ -333,10 +337,13 @@ def train_report_model(model: PrefixReportModel, visual, texts, val_visual=None,
         h = dict(epoch=ep + 1, loss=float(np.mean(losses)), seconds=round(time.perf_counter() - t0, 2))
         if val_visual is not None and len(val_visual) and ((ep + 1) % cfg.val_every == 0 or ep + 1 == cfg.epochs):
             n = len(val_visual) if cfg.val_max is None else min(cfg.val_max, len(val_visual))
-            sc = corpus_scores(report_stats(generate_reports(model, val_visual[:n], decoding="greedy"), list(val_texts)[:n]))
+            sc = corpus_scores(report_stats(generate_reports(model, val_visual[:n], decoding="greedy"), list(val_texts)[:n], labeller))
             h.update(val_bleu4=sc["bleu4"], val_cider=sc["cider"], selection=(sc["bleu4"] + sc["cider"]) / 2,
                      val_loss=_mean_loss(model, Vv[:n], list(val_texts)[:n], cfg))
-            if (h["selection"], -h["val_loss"]) > best: best, best_state, best_ep = (h["selection"], -h["val_loss"]), _trainable(model), ep
+            if labeller is not None: h["val_finding_f1"] = sc["finding_f1"]
+            key = (h["selection"], -h["val_loss"])
+            if cfg.select_by == "finding_f1": key = (float(np.nan_to_num(sc["finding_f1"])),) + key   # findings said right first
+            if key > best: best, best_state, best_ep = key, _trainable(model), ep
         hist.append(h)
     if best_state is not None: model.load_state_dict(best_state, strict=False)
     for i, h in enumerate(hist): h["selected"] = i == best_ep
