@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse, ast, importlib, os, subprocess, sys
 from pathlib import Path
 
-import nbformat
-
 import xr0_lib
 from . import __version__
 from .core import get_settings, SettingsError
@@ -58,7 +56,7 @@ def cli_settings(argv: list[str] | None = None) -> int:
     print(f"settings file: {s.file or '(none found; built-in defaults)'}")
     rows = [(k, getattr(s, k), s.sources[k]) for k in ("data_root", "cache_dir", "checkpoint_dir", "output_dir")]
     rows += [(f"weights.{k}", v, s.sources[f"weights.{k}"]) for k, v in s.weights.items()]
-    rows += [(f"datasets.{k}", v, s.sources[f"datasets.{k}"]) for k, v in s.datasets.items()]
+    rows += [(f"{sec}.{k}", v, s.sources[f"{sec}.{k}"]) for sec in ("datasets", "code") for k, v in getattr(s, sec).items()]
     w = max(len(r[0]) for r in rows)
     for k, v, src in rows:
         exists = "" if Path(v).exists() else "  (missing)"
@@ -87,6 +85,7 @@ def cli_test(argv: list[str] | None = None) -> int:
 def render_readme(nb_path: str | Path) -> str:
     "Markdown of a notebook for the README: hidden cells dropped, `#|` directive lines removed, no outputs."
     from nbconvert import MarkdownExporter   # nbconvert: ~0.5 s to import, only for `xr0 readme`
+    import nbformat  # 0.9-2.5 s (jsonschema compiles its format grammars): every `xr0 embed` start paid it
     nb = nbformat.read(str(nb_path), as_version=4)
     keep = []
     for c in nb.cells:

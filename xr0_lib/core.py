@@ -43,6 +43,7 @@ class Settings:
     output_dir: Path
     weights: dict[str, Path] = field(default_factory=dict)
     datasets: dict[str, Path] = field(default_factory=dict)
+    code: dict[str, Path] = field(default_factory=dict)    # [code]: local checkouts of peers' code, for benchmarks
     file: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
@@ -83,8 +84,8 @@ def get_settings(path: str | Path | None = None, env: dict | None = None) -> Set
         try: cp.read_string(file.read_text(), source=str(file))
         except (configparser.Error, UnicodeDecodeError, OSError) as e:
             raise SettingsError(f"cannot read settings file {file}: {e}") from e
-        unknown = set(cp.sections()) - {"paths", "weights", "datasets"}
-        if unknown: raise SettingsError(f"settings file {file}: unknown section(s) {sorted(unknown)}; expected [paths], [weights], [datasets]")
+        unknown = set(cp.sections()) - {"paths", "weights", "datasets", "code"}
+        if unknown: raise SettingsError(f"settings file {file}: unknown section(s) {sorted(unknown)}; expected [paths], [weights], [datasets], [code]")
         if cp.has_section("paths"):
             bad = set(cp["paths"]) - set(_PATH_KEYS)
             if bad: raise SettingsError(f"settings file {file}: unknown key(s) {sorted(bad)} in [paths]; expected {list(_PATH_KEYS)}")
@@ -97,7 +98,7 @@ def get_settings(path: str | Path | None = None, env: dict | None = None) -> Set
         if env.get(ev): v, src = env[ev], f"env {ev}"
         vals[k], sources[k] = _resolve(v, base), src
     maps = {}
-    for sec in ("weights", "datasets"):
+    for sec in ("weights", "datasets", "code"):
         d = {}
         if cp.has_section(sec):
             for k, v in cp[sec].items(): d[k], sources[f"{sec}.{k}"] = _resolve(v, base), f"{file} [{sec}]"
@@ -109,7 +110,7 @@ def get_settings(path: str | Path | None = None, env: dict | None = None) -> Set
                 d[k], sources[f"{sec}.{k}"] = _resolve(v, base), f"env {ev}"
         maps[sec] = d
     _warn_unknown_env(env)
-    return Settings(**vals, weights=maps["weights"], datasets=maps["datasets"], file=file, sources=sources)
+    return Settings(**vals, weights=maps["weights"], datasets=maps["datasets"], code=maps["code"], file=file, sources=sources)
 
 _OTHER_ENV = ("XR0_SETTINGS", "XR0_PROGRESS", "XR0_EXPERIMENTS_DIR", "XR0_AGE_BINS", "XR0_AGE_LABELS", "XR0_CHROMIUM",
               "XR0_BROWSER_SHOTS", "XR0_REQUIRE_BROWSER", "XR0_TEST_WORKERS")
@@ -118,7 +119,7 @@ def _warn_unknown_env(env) -> None:
     "Warn about `XR0_*` variables nothing reads (a typo would otherwise be ignored silently)."
     known = {_env_var_name("paths", k) for k in _PATH_KEYS} | set(_OTHER_ENV)
     for ev in sorted(k for k in env if k.startswith("XR0_")):
-        if ev in known or ev.startswith((_env_var_name("weights", ""), _env_var_name("datasets", ""))): continue
+        if ev in known or ev.startswith(tuple(_env_var_name(s, "") for s in ("weights", "datasets", "code"))): continue
         near = difflib.get_close_matches(ev, sorted(known), n=1)
         warnings.warn(f"environment variable {ev} is not an xr0 setting" + (f"; did you mean {near[0]}?" if near else ""), stacklevel=3)
 

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core import autocast, get_settings, progress, resolve_precision, select_device
+from ..core import autocast, get_settings, precision_dtype, progress, resolve_precision, select_device
 from ..data.manifest import load_manifest, read_image
 from ..augment import make_eval_transform
 from ..models.backbones import export_hf, load_backbone, preprocess_config
 from ..models.vit import DinoVisionTransformer, create_backbone
-from ..models.inference import inference_model
+from ..models.inference import FusedBackbone, _fusable, fused_backbone, inference_model
 from timm.layers.attention import Attention as _TimmAttention
 from timm.models.vision_transformer import Block as _TimmBlock
 
@@ -69,6 +69,7 @@ def embed_batch(backbone: nn.Module, x: torch.Tensor, tokens: Sequence[str], pat
     if "last4" in tokens:
         layers = backbone.get_intermediate_layers(x, 4, norm=True, split=True)
         feats = layers[-1]
+    elif set(tokens) <= {"cls", "registers"} and isinstance(backbone, FusedBackbone): layers, feats = None, backbone.forward_prefix(x)
     elif set(tokens) <= {"cls", "registers"} and _prefix_only_ok(backbone): layers, feats = None, _prefix_features(backbone, x)
     else: layers, feats = None, backbone.forward_features(x)
     out = {}
@@ -135,12 +136,14 @@ def _manifest_fingerprint(df: pd.DataFrame) -> str:
 
 # %% ../../nbs/50_eval.embeddings.ipynb #efd5b7d1
 def _cache_key(backbone_name: str, weights: str, manifest_fp: str, preprocess: dict, precision: str = "fp32",
-              fast: bool = False) -> str:
+              fast: bool = False, fused: bool = False) -> str:
     "Folder name for one (backbone, weights, manifest, preprocessing, precision, fast path) combination."
     d = dict(backbone=str(backbone_name), weights=weights, manifest=manifest_fp,
              preprocess={k: preprocess[k] for k in sorted(preprocess)})
     # fp32 on the plain path keeps the keys of caches written before precision and the fast path were part of the key
     if precision != "fp32" or fast: d.update(precision=precision, fast=bool(fast))
+    # the fused CPU path's bf16 outputs differ from the eager path's by ~1e-2 (fp32: ~1e-5, so fp32 keys are shared)
+    if fused and precision != "fp32": d.update(engine="fused")
     blob = json.dumps(d, sort_keys=True, default=str)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(str(backbone_name)).name)[:40]
     return f"{safe}-{hashlib.blake2b(blob.encode(), digest_size=10).hexdigest()}"
@@ -196,7 +199,8 @@ def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), bat
     model, bname = _resolve_backbone(backbone)
     pcfg = preprocess_config(model)
     precision = resolve_precision(precision, select_device(device))
-    key = _cache_key(bname, _weights_hash(model), _manifest_fingerprint(df), pcfg, precision, fast)
+    fused = not fast and select_device(device).type == "cpu" and _fusable(model, precision_dtype(precision))   # as `_compute` decides
+    key = _cache_key(bname, _weights_hash(model), _manifest_fingerprint(df), pcfg, precision, fast, fused)
     root = Path(cache_dir).expanduser() if cache_dir is not None else get_settings().cache_dir / "embeddings"
     folder = root / key
     files = {t: folder / _token_file(t, patch_pool) for t in tokens}
@@ -220,6 +224,10 @@ def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, dev
     # the fast path: a frozen copy with layer scale folded, weights cast once, compiled with inductor freezing
     # (xr0_lib.models.inference.inference_model); it pays on large manifests, compiling takes tens of seconds
     if fast: model = inference_model(model, precision, compile=True)
+    # otherwise, on a CPU: packed oneDNN GEMMs with GELU fused, bf16 GEMMs on an fp32 residual stream, no compiling
+    # (xr0_lib.models.inference.fused_backbone; None for backbones it cannot run, and `last4` keeps the plain module)
+    elif dev.type == "cpu" and "last4" not in tokens: model = fused_backbone(model, precision) or model
+    cast = "fp32" if isinstance(model, FusedBackbone) else precision   # the fused copy sets its own precision
     tf = make_eval_transform(pcfg)
     n = len(df); ids = df["image_id"].astype(str).tolist() if "image_id" in df.columns else [str(i) for i in range(n)]
     paths = df["abs_path"].astype(str).tolist()
@@ -235,7 +243,7 @@ def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, dev
                 idx = np.array([i for i, _ in good])
                 xb = torch.stack([x for _, x in good]).to(dev, non_blocking=True)
                 try:
-                    with autocast(dev, precision): e = embed_batch(model, xb, tokens, patch_pool)
+                    with autocast(dev, cast): e = embed_batch(model, xb, tokens, patch_pool)
                 except Exception as ex:  # e.g. an image whose size the model cannot take: report the whole batch
                     failures += [dict(row=int(i), image_id=ids[i], path=paths[i], error=f"{type(ex).__name__}: {ex}") for i in idx]
                     bar.update(len(items)); continue
@@ -299,7 +307,7 @@ from pathlib import Path
 from PIL import Image
 from torchvision.transforms import v2
 from transformers import AutoModel
-folder, manifest, out, batch, workers, size, dtype, norm = sys.argv[1:9]
+folder, manifest, out, batch, workers, size, dtype, norm, tokens = sys.argv[1:10]
 batch, workers, size, norm = int(batch), int(workers), int(size), json.loads(norm)
 paths = [str(Path(manifest).parent / p) for p in pd.read_csv(manifest)["path"]]
 tf = v2.Compose([v2.PILToTensor(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -309,10 +317,12 @@ class Files(torch.utils.data.Dataset):
     def __getitem__(self, i): return tf(Image.open(paths[i]).convert("RGB"))
 dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 model = AutoModel.from_pretrained(folder).eval()
+P = 1 + getattr(model.config, "num_register_tokens", 0)
 cls = []
 with torch.inference_mode(), torch.autocast("cpu", dtype=dt, enabled=dt != torch.float32):
     for x in torch.utils.data.DataLoader(Files(), batch_size=batch, num_workers=workers):
-        cls.append(model(pixel_values=x).pooler_output.float())
+        o = model(pixel_values=x)
+        cls.append(o.pooler_output.float() if tokens == "cls" else o.last_hidden_state[:, P:].half())
 np.save(out, torch.cat(cls).numpy())
 """
 
@@ -341,45 +351,82 @@ def _run_timed(cmd: list[str]) -> float:
     if r.returncode: raise RuntimeError(f"{' '.join(cmd[:4])}... failed ({r.returncode}): {r.stderr[-2000:]}")
     return time.perf_counter() - t0
 
-def _embedding_profile(folder: str, manifest: str, batch_size: int, n: int = 16) -> dict:
-    "Where one process spends its time: imports (fresh processes), decode+resize and forward per image, weight hashing."
-    imp = {k: _run_timed([sys.executable, "-c", c]) for k, c in (("import_xr0_s", "import xr0_lib.eval.embeddings"),
+def _ms(fn, per: int = 1, reps: int = 2) -> float:
+    "Best of `reps` timed calls of `fn` (after one warm-up), in ms per item of `per`."
+    fn(); best = float("inf")
+    for _ in range(reps): t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
+    return round(1e3 * best / per, 2)
+
+def _embedding_profile(folder: str, manifest: str, batch_size: int, precision: str = "fp32", n: int = 16) -> dict:
+    "Where each side spends its time: start-up, model loading, cache hashing, decode + resize and forward per image, writing patch grids."
+    import transformers  # ≈2 s; only the profile's transformers side needs it
+    from PIL import Image   # already loaded by the manifest module; the plain side's decoder
+    from torchvision.transforms import v2   # already loaded by augment; the plain side's transform
+    out = {k: round(_run_timed([sys.executable, "-c", c]), 2) for k, c in (("import_xr0_s", "import xr0_lib.eval.embeddings"),
            ("import_plain_s", "import torch, torchvision.transforms.v2, transformers, PIL, pandas"))}
-    bb = load_backbone(folder).eval(); df = load_manifest(manifest).iloc[:n]; tf = make_eval_transform(preprocess_config(bb))
-    t0 = time.perf_counter(); xs = [tf(read_image(p)) for p in df.abs_path]; t_dec = (time.perf_counter() - t0) / len(xs)
-    x = torch.stack(xs[:batch_size] * max(1, batch_size // len(xs)))[:batch_size]
-    with torch.inference_mode():
-        bb.forward_features(x[:2])
-        t0 = time.perf_counter(); bb.forward_features(x); t_fwd = (time.perf_counter() - t0) / len(x)
-        t0 = time.perf_counter(); _prefix_features(bb, x); t_pre = (time.perf_counter() - t0) / len(x)
-    t0 = time.perf_counter(); _weights_hash(bb); t_hash = time.perf_counter() - t0
-    return dict(imp, decode_resize_ms_per_img=round(1e3 * t_dec, 2), forward_ms_per_img=round(1e3 * t_fwd, 2),
-                forward_cls_only_ms_per_img=round(1e3 * t_pre, 2), weights_hash_s=round(t_hash, 3))
+    t0 = time.perf_counter(); bb = load_backbone(folder).eval(); out["load_xr0_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter(); hf = transformers.AutoModel.from_pretrained(folder).eval(); out["load_plain_s"] = round(time.perf_counter() - t0, 2)
+    df = load_manifest(manifest)
+    t0 = time.perf_counter(); _weights_hash(bb); _manifest_fingerprint(df); out["cache_key_s"] = round(time.perf_counter() - t0, 3)
+    pc = preprocess_config(bb); tf = make_eval_transform(pc); S = pc["crop_size"] or pc["size"]; paths = df.abs_path.iloc[:n].tolist()
+    ptf = v2.Compose([v2.PILToTensor(), v2.Resize(S, interpolation=v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(S),
+                      v2.ToDtype(torch.float32, scale=True), v2.Normalize(pc["mean"], pc["std"])])
+    out["decode_resize_xr0_ms_per_img"] = _ms(lambda: [tf(read_image(p)) for p in paths], len(paths))
+    out["decode_resize_plain_ms_per_img"] = _ms(lambda: [ptf(Image.open(p).convert("RGB")) for p in paths], len(paths))
+    xs = [tf(read_image(p)) for p in paths]; x = torch.stack((xs * (batch_size // len(xs) + 1))[:batch_size])
+    fb = fused_backbone(bb, precision)
+    def under(fn, cast=precision):
+        def run():
+            with torch.inference_mode(), autocast("cpu", cast): return fn()
+        return run
+    fwd = dict(transformers=under(lambda: hf(pixel_values=x).pooler_output), xr0_unfused=under(lambda: bb.forward_features(x)),
+               xr0_unfused_cls=under(lambda: _prefix_features(bb, x)))
+    if fb is not None: fwd.update(xr0=under(lambda: fb.forward_features(x), "fp32"), xr0_cls=under(lambda: fb.forward_prefix(x), "fp32"))
+    for k, fn in fwd.items(): out[f"forward_{k}_ms_per_img"] = _ms(fn, batch_size, reps=1)
+    with tempfile.TemporaryDirectory() as d:
+        p = torch.randn(batch_size, *fb.forward_features(x[:1])["patch"].shape[1:]).half().numpy() if fb is not None else None
+        if p is not None:
+            a = np.lib.format.open_memmap(Path(d) / "p.npy", mode="w+", dtype=np.float16, shape=(4 * batch_size,) + p.shape[1:])
+            out["write_patch_ms_per_img"] = _ms(lambda: a.__setitem__(slice(0, batch_size), p), batch_size); del a
+    per_plain = out["decode_resize_plain_ms_per_img"] + out["forward_transformers_ms_per_img"]
+    out["forward_share_plain"] = round(out["forward_transformers_ms_per_img"] / per_plain, 3)
+    return out
 
 # %% ../../nbs/50_eval.embeddings.ipynb #3fac37d6
 def benchmark_embedding_vs_transformers(n_images: int = 512, src_size: int = 512, arch: str = "xr0-vits14", img_size: int = 224,
                                         batch_size: int = 32, precision: str = "fp32", num_workers: int = 0, threads: int = 1,
-                                        repeats: int = 3, fast: bool = False, profile: bool = False, tmp: str | None = None) -> dict:
-    "Images/s of `xr0 embed` vs a plain PIL + DataLoader + transformers script, end to end from PNG files (fresh processes, alternating)."
+                                        repeats: int = 3, fast: bool = False, profile: bool = False, tmp: str | None = None,
+                                        tokens: str = "cls") -> dict:
+    "Images/s of `xr0 embed` vs a plain PIL + DataLoader + transformers script, end to end from PNG files (fresh processes, alternating); `tokens`: 'cls' or 'patch'."
+    if tokens not in ("cls", "patch"): raise ValueError(f"tokens must be 'cls' or 'patch', got {tokens!r}")
+    precision = resolve_precision(precision, torch.device("cpu"))   # `auto`: bf16 where native; both sides get the resolved one
     with tempfile.TemporaryDirectory(dir=tmp) as d:
         d = Path(d); folder, manifest, pc = _bench_files(d, n_images, src_size, arch, img_size)
         ours = [sys.executable, "-m", "xr0_lib.cli", "embed", "--backbone", folder, "--manifest", manifest, "--batch-size",
-                str(batch_size), "--precision", precision, "--num-workers", str(num_workers), "--threads", str(threads)] + (["--fast"] if fast else [])
+                str(batch_size), "--precision", precision, "--num-workers", str(num_workers), "--threads", str(threads), "--tokens", tokens, "--device", "cpu"] + (["--fast"] if fast else [])
         plain = [sys.executable, "-c", _PLAIN_PIPELINE, folder, manifest, str(d / "plain.npy"), str(batch_size), str(num_workers),
-                 str(pc["crop_size"] or pc["size"]), precision, json.dumps(dict(mean=pc["mean"], std=pc["std"]))]
+                 str(pc["crop_size"] or pc["size"]), precision, json.dumps(dict(mean=pc["mean"], std=pc["std"])), tokens]
         times = {"xr0": [], "plain": []}
         for r in range(repeats):   # alternate, and swap which goes first, so drifting load hits both alike
             for k in (("xr0", "plain") if r % 2 == 0 else ("plain", "xr0")):
                 times[k].append(_run_timed(ours + ["--out", str(d / f"cache{r}")] if k == "xr0" else plain))
-        cls_ours = np.load(next((d / "cache0").glob("*/cls.npy"))); cls_plain = np.load(d / "plain.npy")
-        res = dict(n_images=n_images, src_size=src_size, arch=arch, img_size=img_size, batch_size=batch_size, precision=precision,
+        cls_ours = np.load(next((d / "cache0").glob(f"*/{tokens}.npy"))).astype(np.float32)
+        cls_plain = np.load(d / "plain.npy").astype(np.float32).reshape(cls_ours.shape)
+        res = dict(n_images=n_images, src_size=src_size, arch=arch, img_size=img_size, batch_size=batch_size, precision=precision, tokens=tokens,
                    num_workers=num_workers, threads=threads, fast=fast, repeats=repeats, torch_threads=torch.get_num_threads(),
                    xr0_img_per_s=round(n_images / float(np.median(times["xr0"])), 3),
                    transformers_img_per_s=round(n_images / float(np.median(times["plain"])), 3),
                    speedup=round(float(np.median(np.array(times["plain"]) / np.array(times["xr0"]))), 3),
                    speedup_range=(round(float(min(np.array(times["plain"]) / np.array(times["xr0"]))), 3),
                                   round(float(max(np.array(times["plain"]) / np.array(times["xr0"]))), 3)),
-                   speedup_goal=1.5, max_abs_diff_cls=float(np.abs(cls_ours - cls_plain).max()), cls_goal=1e-4,
+                   speedup_goal=1.5, **{f"max_abs_diff_{tokens}": float(np.abs(cls_ours - cls_plain).max())}, cls_goal=1e-4,
                    xr0_seconds=[round(t, 2) for t in times["xr0"]], transformers_seconds=[round(t, 2) for t in times["plain"]])
-        if profile: res["profile"] = _embedding_profile(folder, manifest, batch_size)
+        if profile:
+            res["profile"] = _embedding_profile(folder, manifest, batch_size, precision)
+            # fixed cost per run (imports, model loading, cache key, first batch): each side on a one-image manifest, best of 2
+            m1 = d / "manifest1.csv"; pd.read_csv(manifest).iloc[:1].to_csv(m1, index=False)
+            one = {"xr0": [c if c != manifest else str(m1) for c in ours] + ["--out", str(d / "cache1img"), "--refresh"],
+                   "plain": [c if c != manifest else str(m1) for c in plain]}
+            for k in ("xr0", "plain"): res["profile"][f"startup_{k}_s"] = round(min(_run_timed(one[k]) for _ in range(2)), 2)
+            res["profile"]["startup_share_xr0"] = round(res["profile"]["startup_xr0_s"] / float(np.median(times["xr0"])), 3)
     return res

@@ -7,14 +7,19 @@ from __future__ import annotations
 import copy, tempfile, time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import Block
 
 from ..core import autocast, native_bf16, precision_dtype, resolve_precision, select_device
 from .vit import create_backbone
 from .backbones import export_hf
 
 # %% auto #0
-__all__ = ['fold_layer_scale', 'InferenceBackbone', 'inference_model', 'benchmark_backbone_throughput']
+__all__ = ['fold_layer_scale', 'InferenceBackbone', 'inference_model', 'FusedBackbone', 'fused_backbone',
+           'benchmark_backbone_throughput']
 
 # %% ../../nbs/24_models.inference.ipynb #824251cf
 @torch.no_grad()
@@ -31,7 +36,18 @@ def fold_layer_scale(backbone: nn.Module) -> nn.Module:
     return backbone
 
 # %% ../../nbs/24_models.inference.ipynb #9768e54a
-class InferenceBackbone(nn.Module):
+class _FrozenCopy(nn.Module):
+    "A frozen copy of a backbone held as `model`: attributes it lacks come from the backbone, and it stays in eval mode."
+    def __getattr__(self, name: str):
+        try: return super().__getattr__(name)
+        except AttributeError:
+            mods = self.__dict__.get("_modules", {})
+            if "model" not in mods: raise
+            return getattr(mods["model"], name)
+
+    def train(self, mode: bool = True): return super().train(False)   # always in eval mode
+
+class InferenceBackbone(_FrozenCopy):
     "A frozen, layer-scale-folded copy of a backbone in one dtype; `forward_features` compiled with inductor freezing."
     def __init__(self, backbone: nn.Module, dtype: str = "bf16", compile: bool = True, max_autotune: bool | None = None,
                  pad_batches: bool = True):
@@ -56,16 +72,6 @@ class InferenceBackbone(nn.Module):
                 with inductor_config.patch(opts): return compiled(x)
             self._fwd = fwd
 
-    def __getattr__(self, name: str):
-        try: return super().__getattr__(name)
-        except AttributeError:
-            mods = self.__dict__.get("_modules", {})
-            if "model" not in mods: raise
-            return getattr(mods["model"], name)
-
-    def train(self, mode: bool = True):
-        super().train(False)      # always in eval mode
-        return self
 
     def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         "Like the backbone's `forward_features`, in this copy's dtype, under inference mode."
@@ -96,6 +102,88 @@ def inference_model(backbone: nn.Module, dtype: str = "bf16", compile: bool = Tr
     if not hasattr(backbone, "blocks") or not hasattr(backbone, "forward_features"):
         raise TypeError(f"inference_model needs a DinoVisionTransformer-like backbone, got {type(backbone).__name__}")
     return InferenceBackbone(backbone, dtype, compile, max_autotune)
+
+# %% ../../nbs/24_models.inference.ipynb #19c520b5
+_mk = torch.ops.mkldnn
+
+def _fusable(m: nn.Module, dtype: torch.dtype) -> bool:
+    "True when `FusedBackbone` can run `m`: timm blocks (plain attention, GELU MLP), on CPU with oneDNN, fp32 or bf16."
+    if dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available(): return False
+    if dtype == torch.bfloat16 and not _mk._is_mkldnn_bf16_supported(): return False
+    if not hasattr(m, "blocks") or not len(m.blocks) or not isinstance(getattr(m, "norm", None), nn.LayerNorm): return False
+    if next(m.parameters()).device.type != "cpu" or not hasattr(m, "prepare_tokens"): return False
+    def ok(b):
+        a, f = b.attn, b.mlp
+        return (type(b) is Block and type(a) is Attention and getattr(a, "gate", None) is None and type(f) is Mlp
+                and all(isinstance(getattr(a, n, None) or nn.Identity(), nn.Identity) for n in ("q_norm", "k_norm", "norm"))
+                and isinstance(f.norm, nn.Identity) and type(f.act) is nn.GELU and f.act.approximate == "none"
+                and all(isinstance(getattr(b, n), nn.Identity) or hasattr(getattr(b, n), "gamma") for n in ("ls1", "ls2"))
+                and isinstance(b.norm1, nn.LayerNorm) and isinstance(b.norm2, nn.LayerNorm))
+    return all(ok(b) for b in m.blocks)
+
+def _fused_add(a: torch.Tensor, x: torch.Tensor, wb: tuple) -> torch.Tensor:
+    "x + a @ W.T + b: fused into the GEMM in fp32; in bf16 the GEMM runs in bf16 and the residual stream `x` stays fp32."
+    if a.dtype == torch.float32: return _mk._linear_pointwise.binary(a, x, *wb, "add")
+    return x + _mk._linear_pointwise(a, *wb, "none", [], "")
+
+def _fused_block(p: dict, x: torch.Tensor, dtype: torch.dtype, P: int | None = None) -> torch.Tensor:
+    "One pre-norm block on fp32 tokens `x` (B, T, D) with packed weights `p`; `P`: only the first P tokens come out."
+    B, T, D = x.shape; H = p["heads"]
+    qkv = _mk._linear_pointwise(F.layer_norm(x, (D,), *p["n1"]).to(dtype), *p["qkv"], "none", [], "")
+    q, k, v = qkv.view(B, T, 3, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+    if P: q, x = q[:, :, :P], x[:, :P]
+    x = _fused_add(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, q.shape[2], D), x, p["proj"])
+    h = _mk._linear_pointwise(F.layer_norm(x, (D,), *p["n2"]).to(dtype), *p["fc1"], "gelu", [], "none")
+    return _fused_add(h, x, p["fc2"])
+
+# %% ../../nbs/24_models.inference.ipynb #6c8ca1de
+class FusedBackbone(_FrozenCopy):
+    "A frozen, layer-scale-folded CPU copy whose blocks run packed oneDNN GEMMs with GELU (and fp32 residual adds) fused."
+    def __init__(self, backbone: nn.Module, dtype: str = "fp32"):
+        super().__init__()
+        self.dtype = precision_dtype(dtype)
+        if not _fusable(backbone, self.dtype): raise TypeError(f"{type(backbone).__name__} cannot run fused in {dtype}; see fused_backbone")
+        m = fold_layer_scale(copy.deepcopy(backbone).eval().requires_grad_(False)).float()
+        ln = lambda n: (n.weight.detach().clone(), n.bias.detach().clone(), n.eps)
+        pk = lambda l: (_mk._reorder_linear_weight(l.weight.detach().to(self.dtype), None),
+                        None if l.bias is None else l.bias.detach().to(self.dtype))
+        self._blocks = [dict(n1=ln(b.norm1), n2=ln(b.norm2), qkv=pk(b.attn.qkv), proj=pk(b.attn.proj), fc1=pk(b.mlp.fc1),
+                             fc2=pk(b.mlp.fc2), heads=b.attn.num_heads) for b in m.blocks]
+        self._norm, self.model = ln(m.norm), m
+
+
+    def _tokens(self, x: torch.Tensor, P: int | None = None):
+        with torch.inference_mode():
+            t, hw = self.model.prepare_tokens(x.float())
+            for i, p in enumerate(self._blocks): t = _fused_block(p, t, self.dtype, P if i == len(self._blocks) - 1 else None)
+            return F.layer_norm(t, (t.shape[-1],), *self._norm), hw
+
+    def _eager(self, fn: str, x: torch.Tensor, *args, **kw):
+        with torch.inference_mode(), autocast(x.device, "bf16" if self.dtype == torch.bfloat16 else "fp32"):
+            return getattr(self.model, fn)(x.float(), *args, **kw)
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        "Like the backbone's `forward_features`, in float32 (GEMMs and attention in this copy's dtype), under inference mode."
+        if masks is not None: return self._eager("forward_features", x, masks)
+        t, hw = self._tokens(x)
+        return self.model._split(t, hw)
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]: return self.forward_features(x, masks)
+
+    def forward_prefix(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        "`cls` and `registers` of `forward_features(x)`, with the last block run for the prefix tokens only."
+        P = 1 + self.model.num_registers
+        t, _ = self._tokens(x, P)
+        return {"cls": t[:, 0], "registers": t[:, 1:P]}
+
+    def get_intermediate_layers(self, x: torch.Tensor, *args, **kw) -> list: return self._eager("get_intermediate_layers", x, *args, **kw)
+    def last_attention(self, x: torch.Tensor) -> torch.Tensor: return self._eager("last_attention", x)
+
+def fused_backbone(backbone: nn.Module, dtype: str = "fp32") -> FusedBackbone | None:
+    "A `FusedBackbone` copy of `backbone` in `dtype` ('fp32' or 'bf16'), or None where the fused CPU path does not apply."
+    dt = precision_dtype(dtype)
+    if isinstance(backbone, FusedBackbone): return backbone if backbone.dtype == dt else None
+    return FusedBackbone(backbone, dtype) if _fusable(backbone, dt) else None
 
 # %% ../../nbs/24_models.inference.ipynb #0636ee62
 def benchmark_backbone_throughput(arch: str = "xr0-vits14", batch: int = 8, img_size: int = 224, dtype: str = "bf16",

@@ -26,20 +26,20 @@ def _all_reduce(t: Tensor, op=None, group=None) -> Tensor:
 def sinkhorn_knopp(logits: Tensor, temp: float, n_iterations: int = 3, group=None) -> Tensor:
     "Sinkhorn-Knopp targets (B, K) from teacher logits (B, K): each row sums to 1, prototypes share mass equally over the global batch."
     if logits.ndim != 2: raise ValueError(f"sinkhorn_knopp expects (B, K) logits, got shape {tuple(logits.shape)}")
-    t = logits.detach().float()
-    n = _all_reduce(torch.tensor(float(t.shape[0]), device=t.device), group=group)
-    if n.item() == 0: return t.new_zeros(t.shape)
-    k, tiny = t.shape[1], torch.finfo(torch.float32).tiny
-    m = t.max() if t.numel() else t.new_tensor(float("-inf"))
+    q = logits.detach()
+    q = q.float() if q.dtype != torch.float32 else q.clone()   # a fresh fp32 copy: every step below is in place
+    n = _all_reduce(torch.tensor(float(q.shape[0]), device=q.device), group=group)
+    if n.item() == 0: return q.new_zeros(q.shape)
+    k, tiny = q.shape[1], torch.finfo(torch.float32).tiny
+    m = q.max() if q.numel() else q.new_tensor(float("-inf"))
     m = _all_reduce(m.clone(), op=dist.ReduceOp.MAX if _dist_on(group) else None, group=group)
-    q = torch.exp((t - m) / temp).t()  # K x B, the paper's orientation
+    q.sub_(m).div_(temp).exp_()
     q /= _all_reduce(q.sum(), group=group)
-    for _ in range(n_iterations):
-        rows = _all_reduce(q.sum(dim=1, keepdim=True), group=group)
-        q /= rows.clamp(min=tiny); q /= k
-        q /= q.sum(dim=0, keepdim=True).clamp(min=tiny); q /= n
-    q *= n
-    return q.t()
+    for i in range(n_iterations):   # in (B, K) layout, with /K and /B folded into the sums: 4 passes per round, none strided
+        q /= _all_reduce(q.sum(dim=0), group=group).clamp_(min=tiny).mul_(k)
+        q /= q.sum(dim=1, keepdim=True).clamp_(min=tiny).mul_(n if i < n_iterations - 1 else 1.0)   # the last round leaves rows summing to 1
+    return q if n_iterations else q.mul_(n)
+
 
 # %% ../../nbs/31_ssl.centering.ipynb #25a41888
 class CenterEMA(nn.Module):

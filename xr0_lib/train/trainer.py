@@ -4,18 +4,20 @@
 
 # %% ../../nbs/46_train.trainer.ipynb #fcbb8db2
 from __future__ import annotations
-import argparse, csv, errno, json, math, os, resource, sys, time, warnings
+import argparse, csv, ctypes, errno, json, math, os, random, resource, statistics, sys, time, warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from safetensors import safe_open
 
-from ..core import (ConfigError, OutputError, autocast, check_writable, disk_error, parse_overrides, precision_dtype, progress, native_bf16, resolve_precision,
+from ..core import (ConfigError, OutputError, autocast, check_writable, disk_error, get_settings, parse_overrides, precision_dtype, progress, native_bf16, resolve_precision,
                           save_config, seed_everything, select_device)
+from ..augment import collate_dino
 from ..models.backbones import ModelConfig
 from ..models.vit import PATCH_SIZE, interpolate_pos_embed
 from ..models.heads import HeadsConfig
@@ -29,7 +31,8 @@ from .monitor import (HEALTH_FIELDS, METRIC_FIELDS, HealthMonitor, MetricLog, Re
                                    collapse_signals, snapshot_blocks)
 
 # %% auto #0
-__all__ = ['NonFiniteLossError', 'pretrain', 'cli_pretrain', 'benchmark_train_step']
+__all__ = ['NonFiniteLossError', 'pretrain', 'cli_pretrain', 'benchmark_train_step', 'official_state_dict',
+           'benchmark_official_step']
 
 # %% ../../nbs/46_train.trainer.ipynb #266a9ed8
 @dataclass
@@ -78,10 +81,27 @@ def _build(run: _Run) -> None:
     run.mc = build_multicrop(cfg.data)
     run.meta = SSLMetaArch.from_config(cfg.model, cfg.ssl, img_size=run.mc.global_size).to(d.device)
     shard_meta(run.meta, d)
+    _cpu_fast_paths(run.meta, d.device, T.precision)
     run.optimizer = make_optimizer(param_groups(_modules(run.meta), cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult),
                                    cfg.optim.betas)
     run.scaler = torch.amp.GradScaler("cuda") if T.precision == "fp16" else None
     run.sched = build_schedules(cfg.optim, T.max_steps, T.batch_size)
+
+# %% ../../nbs/46_train.trainer.ipynb #0ff1c1b0
+def _keep_freed_memory() -> bool:
+    "On glibc, keep freed blocks of up to 1 GiB in the process: otherwise a CPU step hands back and re-faults GBs of pages."
+    try: libc = ctypes.CDLL("libc.so.6")
+    except OSError: return False   # not glibc: nothing to tune
+    return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 2**31 - 1))   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+
+def _cpu_fast_paths(meta: nn.Module, device, precision: str) -> None:
+    "On CPU: keep freed memory in the process; in bf16, attention as two matmuls (timm's eager path) instead of SDPA's flash kernel."
+    if torch.device(device).type != "cpu": return
+    _keep_freed_memory()
+    if precision == "bf16":   # the CPU flash-attention backward in bf16 is slower than in fp32; eager: -15% of a ViT-S/14 step
+        for m in meta.modules():
+            if hasattr(m, "fused_attn"): m.fused_attn = False
+
 
 # %% ../../nbs/46_train.trainer.ipynb #55084789
 def _checkpoint_grid(ckpt_dir: Path) -> tuple[int, int] | None:
@@ -398,6 +418,7 @@ def benchmark_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size:
     precision = resolve_precision(precision, dev)
     meta = SSLMetaArch.from_config(ModelConfig(arch=arch, heads=HeadsConfig(dino_out_dim=out_dim, ibot_out_dim=out_dim)),
                                    SSLConfig(), img_size=global_size).to(dev)
+    _cpu_fast_paths(meta, dev, precision)   # as `pretrain` does
     opt = make_optimizer(param_groups(_modules(meta)))
     apply_schedules(opt, dict(lr=1e-4, last_layer_lr=1e-4, weight_decay=0.04))
     x = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in random_batch(batch, global_size, local_size, n_local).items()}
@@ -422,3 +443,184 @@ def benchmark_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size:
                 step_time_s=dt, images_per_s=batch / dt, gflop_per_step=flops / 1e9, achieved_gflops=flops / dt / 1e9,
                 matmul_gflops=rate / 1e9, matmul_peak_shape="x".join(map(str, at)), mfu=flops / dt / rate,
                 peak_memory_gb=peak / 2**30)
+
+# %% ../../nbs/46_train.trainer.ipynb #0ff1c1a2
+class _BlockDiag:
+    "CPU stand-in for xformers' `fmha.BlockDiagonalMask`, as the official meta-architecture uses it (concatenate, then split)."
+    def __init__(self, sizes): self.sizes = sizes
+    @classmethod
+    def from_tensor_list(cls, ts): return cls([t.shape[1] for t in ts]), torch.cat(ts, dim=1)
+    def split(self, x): return list(x.split(self.sizes, dim=1))
+
+_NO_DIST = SimpleNamespace(is_initialized=lambda: False, get_world_size=lambda: 1, all_reduce=lambda *a, **k: None)
+
+def _official_modules(folder: Path):
+    "Import the official `dinov2` from `folder` for one CPU process: xformers stubbed and off, list forwards per tensor, no collectives."
+    xf, ops = ModuleType("xformers"), ModuleType("xformers.ops")
+    ops.fmha, xf.ops = SimpleNamespace(BlockDiagonalMask=_BlockDiag), ops
+    saved, env = {k: sys.modules.get(k) for k in ("xformers", "xformers.ops")}, os.environ.get("XFORMERS_DISABLED")
+    sys.modules.update({"xformers": xf, "xformers.ops": ops}); os.environ["XFORMERS_DISABLED"] = "1"
+    sys.path.insert(0, str(folder))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # the official code and its omegaconf/fvcore are no dependencies of xr0: imported here, from the named folder
+            from dinov2.train import ssl_meta_arch
+            from dinov2.layers import block                             # (same: the official code, from the folder)
+            from dinov2.loss import dino_clstoken_loss, ibot_patch_loss  # (same)
+            from dinov2.configs import dinov2_default_config             # (same)
+    finally:
+        sys.path.remove(str(folder))
+        for k, v in saved.items():
+            if v is None: sys.modules.pop(k, None)
+            else: sys.modules[k] = v
+        if env is None: os.environ.pop("XFORMERS_DISABLED", None)
+        else: os.environ["XFORMERS_DISABLED"] = env
+    got = Path(ssl_meta_arch.__file__).resolve()
+    if not got.is_relative_to(folder.resolve()): raise ImportError(f"dinov2 is already imported from {got}, not from {folder}")
+    ntb = block.NestedTensorBlock
+    if not getattr(ntb, "_per_tensor", False):   # without xformers a list of crop sizes runs one tensor at a time
+        fwd = ntb.forward
+        ntb.forward, ntb._per_tensor = (lambda self, x: [fwd(self, t) for t in x] if isinstance(x, list) else fwd(self, x)), True
+    if not (dist.is_available() and dist.is_initialized()):   # one process: its all_reduce calls are identities
+        for m in (dino_clstoken_loss, ibot_patch_loss): m.dist = _NO_DIST
+    return ssl_meta_arch, dinov2_default_config
+
+def official_state_dict(meta: SSLMetaArch) -> dict[str, torch.Tensor]:
+    "The student and teacher of `meta` under the official `SSLMetaArch`'s names (backbones and heads; its loss centres are not included)."
+    out = {}
+    for side in ("student", "teacher"):
+        for k, v in getattr(meta, side).state_dict().items():
+            k = (k.replace("reg_token", "register_tokens").replace("parametrizations.weight.original0", "weight_g")
+                 .replace("parametrizations.weight.original1", "weight_v"))
+            out[f"{side}.{k}"] = v
+    return out
+
+# %% ../../nbs/46_train.trainer.ipynb #0ff1c1a5
+class _Here:
+    "A tensor whose `.cuda()` is itself: feeds the official `forward_backward` (which moves its inputs to CUDA) on this device."
+    def __init__(self, t): self.t = t
+    def cuda(self, *a, **k): return self.t
+
+_OFFICIAL_ARCH = {"xr0-vits14": "vit_small", "xr0-vitb14": "vit_base", "xr0-vitl14": "vit_large"}
+
+def _official_pair(folder: Path, arch: str, out_dim: int, global_size: int, local_size: int, n_local: int, dev, seed: int):
+    "xr0's `SSLMetaArch` and the official one on the same random weights (ViT/14, shared 3-layer head, Sinkhorn-Knopp, no drop path)."
+    ssl_meta_arch, default = _official_modules(folder)
+    from omegaconf import OmegaConf   # the official code's config library; it is loaded only with that code
+    torch.manual_seed(seed)
+    meta = SSLMetaArch.from_config(ModelConfig(arch=arch, heads=HeadsConfig(dino_out_dim=out_dim, ibot_out_dim=out_dim)),
+                                   SSLConfig(), img_size=global_size)
+    for side in (meta.student, meta.teacher): side["backbone"].pos_interp = (False, 0.1)   # the official resize of positions
+    over = dict(compute_precision=dict(grad_scaler=False), train=dict(centering="sinkhorn_knopp"),
+                dino=dict(head_n_prototypes=out_dim), ibot=dict(head_n_prototypes=out_dim, separate_head=False),
+                student=dict(arch=_OFFICIAL_ARCH[arch], patch_size=PATCH_SIZE, drop_path_rate=0.0, block_chunks=0),
+                crops=dict(global_crops_size=global_size, local_crops_size=local_size, local_crops_number=n_local))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # torch.nn.utils.weight_norm is deprecated
+        om = ssl_meta_arch.SSLMetaArch(OmegaConf.merge(OmegaConf.create(default), OmegaConf.create(over)))
+    missing, extra = om.load_state_dict(official_state_dict(meta), strict=False)
+    if extra or any(not k.endswith(".center") for k in missing): raise RuntimeError(f"weights do not map: missing {missing}, unexpected {extra}")
+    om.need_to_synchronize_fsdp_streams = False   # its CUDA stream hand-over after the first step
+    meta.to(dev).train(); om.to(dev).train()   # the official train() returns None
+    return meta, om
+
+def _official_batch(batch: dict) -> dict:
+    "A `collate_dino` batch under the official collate's keys."
+    return dict(collated_global_crops=_Here(batch["global_crops"]), collated_local_crops=_Here(batch["local_crops"]),
+                collated_masks=_Here(batch["masks"]), mask_indices_list=_Here(batch["mask_indices"]),
+                n_masked_patches=_Here(torch.full((1,), int(batch["n_masked_patches"]), dtype=torch.long)),
+                upperbound=int(batch["upperbound"]), masks_weight=_Here(batch["mask_weights"]))
+
+# %% ../../nbs/46_train.trainer.ipynb #0ff1c1a6
+def _step_fns(meta, om, batch: dict, dev, precision: str, temp: float = 0.04, momentum: float = 0.996):
+    "One full training step of each side (forward, backward, clipping at 3, AdamW, EMA); each returns (loss terms, grad norms)."
+    oc = om.cfg.optim   # the same layer-wise lr decay and patch-embedding lr multiplier on both sides
+    opt = make_optimizer(param_groups(_modules(meta), oc.layerwise_decay, oc.patch_embed_lr_mult))
+    apply_schedules(opt, dict(lr=1e-4, last_layer_lr=1e-4, weight_decay=0.04))
+    oopt = torch.optim.AdamW(om.get_params_groups(), betas=(0.9, 0.999))   # the official train.py's optimiser and groups
+    for g in oopt.param_groups: g["lr"], g["weight_decay"] = 1e-4 * g["lr_multiplier"], 0.04 * g["wd_multiplier"]
+    x, ob, box = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in batch.items()}, _official_batch(batch), []
+    om.backprop_loss = box.append   # backward after leaving autocast, as xr0's step does
+    s_par = [p for k in om.student for p in om.student[k].parameters()]
+    t_par = [p for k in om.student for p in om.teacher[k].parameters()]
+    def xr0():
+        with autocast(dev, precision): loss, terms = meta(x, temp)
+        loss.backward(); norms = clip_grad_norms(_modules(meta), 3.0); opt.step(); opt.zero_grad(set_to_none=True)
+        meta.update_teacher(momentum)
+        return terms, norms
+    def official():
+        oopt.zero_grad(set_to_none=True)
+        with autocast(dev, precision): ld = om.forward_backward(ob, teacher_temp=temp)
+        loss = box.pop(); loss.backward()
+        norms = {k: float(nn.utils.clip_grad_norm_(m.parameters(), 3.0)) for k, m in om.student.items()}
+        oopt.step()
+        with torch.no_grad():   # its update_teacher walks FSDP modules only; the same EMA over plain modules
+            torch._foreach_mul_(t_par, momentum); torch._foreach_add_(t_par, s_par, alpha=1 - momentum)
+        kw = om.cfg.dino.koleo_loss_weight
+        ld = {k: v.detach() for k, v in ld.items()}   # in xr0's scale below: the official logs iBOT/2 and 0.1·KoLeo/2
+        return dict(dino_global=ld["dino_global_crops_loss"], dino_local=ld["dino_local_crops_loss"], ibot=2 * ld["ibot_loss"],
+                    koleo=2 * ld["koleo_loss"] / kw, total=loss.detach()), norms
+    return xr0, official
+
+def _alternate(fns: dict, repeats: int, dev) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    "Wall and CPU seconds of each of `fns` per repeat, run in turns (the order flips every repeat)."
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for r in range(repeats):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            _sync(dev); t, c = time.perf_counter(), time.process_time(); fns[k](); _sync(dev)
+            wall[k].append(time.perf_counter() - t); cpu[k].append(time.process_time() - c)
+    return wall, cpu
+
+# %% ../../nbs/46_train.trainer.ipynb #0ff1c1a8
+def _official_folder(code) -> tuple[Path | None, str]:
+    "The official checkout to use (`code`, else `[code] dinov2` of the settings), or None and why not."
+    if code is None:
+        code = get_settings().code.get("dinov2")
+        if code is None: return None, "skipped: no official DINOv2 checkout named ([code] dinov2 = FOLDER in settings.ini, or XR0_CODE_DINOV2)"
+    p = Path(code).expanduser()
+    if not (p / "dinov2" / "train" / "ssl_meta_arch.py").is_file():
+        return None, f"skipped: {p} holds no dinov2/train/ssl_meta_arch.py (a checkout of facebookresearch/dinov2)"
+    return p, ""
+
+def benchmark_official_step(code: str | Path | None = None, arch: str = "xr0-vits14", batch: int = 8, global_size: int = 224,
+                            local_size: int = 98, n_local: int = 8, out_dim: int = 65536, precisions=("fp32", "auto"),
+                            repeats: int = 3, device: str = "cpu", seed: int = 0) -> dict:
+    "xr0's pre-training step against the official DINOv2 `SSLMetaArch` step on the same weights and batch: loss agreement, step times (median of alternating repeats), speed-up and MFU per precision."
+    if arch not in _OFFICIAL_ARCH: raise ValueError(f"arch {arch!r} has no official counterpart; one of {sorted(_OFFICIAL_ARCH)}")
+    folder, why = _official_folder(code)
+    if folder is None: return dict(status=why)
+    from torch.utils.flop_counter import FlopCounterMode   # ~0.2 s at import; only benchmarks count FLOPs
+    dev = select_device(device)
+    if dev.type == "cpu": _keep_freed_memory()   # as `pretrain` does; the official step runs in this process too and gains the same
+    g = torch.Generator().manual_seed(seed)
+    crops = lambda n, px: [torch.randn(3, px, px, generator=g) for _ in range(n)]
+    b = collate_dino([dict(global_crops=crops(2, global_size), local_crops=crops(n_local, local_size)) for _ in range(batch)],
+                     rng=random.Random(seed))
+    res = dict(status="ok", code=str(folder), arch=arch, batch=batch, crops=f"2x{global_size}+{n_local}x{local_size}", out_dim=out_dim,
+               device=str(dev), threads=torch.get_num_threads(), bf16_native=native_bf16(dev), repeats=repeats)
+    for p in dict.fromkeys(resolve_precision(p, dev) for p in precisions):
+        try: meta, om = _official_pair(folder, arch, out_dim, global_size, local_size, n_local, dev, seed)
+        except ImportError as e: return dict(res, status=f"skipped: the official code does not import here ({e})")
+        _cpu_fast_paths(meta, dev, p)   # xr0 as its trainer runs it (eager attention in bf16 on CPU)
+        fns = dict(zip(("xr0", "official"), _step_fns(meta, om, b, dev, p)))
+        first, flops, shapes = {}, {}, {}
+        for k, fn in fns.items():   # first step of each, from the same weights: loss terms, grad norms, FLOPs, GEMM shapes
+            shapes[k] = []
+            with _linear_shapes(meta if k == "xr0" else om, shapes[k]), FlopCounterMode(display=False) as fc: first[k] = fn()
+            flops[k] = fc.get_total_flops()
+        (tx, nx), (to, no) = first["xr0"], first["official"]
+        res[f"loss_max_abs_diff_{p}"] = max(abs(float(tx[k]) - float(to[k])) for k in to)
+        res[f"grad_norm_max_rel_diff_{p}"] = max(abs(nx[k] - no[k]) / max(abs(no[k]), 1e-12) for k in no)
+        _alternate(fns, 1, dev)   # warm-up
+        ts, cs = _alternate(fns, repeats, dev)
+        t, c = ({k: statistics.median(v) for k, v in d.items()} for d in (ts, cs))
+        pairs = [o / x for x, o in zip(ts["xr0"], ts["official"])]
+        res.update({f"xr0_step_s_{p}": t["xr0"], f"official_step_s_{p}": t["official"], f"speedup_{p}": t["official"] / t["xr0"],
+                    f"speedup_range_{p}": f"{min(pairs):.2f}-{max(pairs):.2f}", f"xr0_step_cpu_s_{p}": c["xr0"],
+                    f"official_step_cpu_s_{p}": c["official"], f"speedup_cpu_{p}": c["official"] / c["xr0"]})
+        for k in fns:
+            rate, _ = _matmul_rate(dev, precision_dtype(p), [(1024, 1024, 1024)] + shapes[k])
+            res.update({f"{k}_gflop_{p}": flops[k] / 1e9, f"{k}_mfu_{p}": flops[k] / t[k] / rate, f"{k}_matmul_gflops_{p}": rate / 1e9,
+                        f"{k}_mfu_cpu_{p}": flops[k] / (c[k] / torch.get_num_threads()) / rate})   # on CPU seconds per thread
+    return res
