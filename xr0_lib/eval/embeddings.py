@@ -22,6 +22,7 @@ from ..augment import make_eval_transform
 from ..models.backbones import export_hf, load_backbone, preprocess_config
 from ..models.vit import DinoVisionTransformer, create_backbone
 from ..models.inference import FusedBackbone, _fusable, fused_backbone, inference_model
+from ..train.distributed import DistInfo, barrier, init_distributed
 from timm.layers.attention import Attention as _TimmAttention
 from timm.models.vision_transformer import Block as _TimmBlock
 
@@ -192,8 +193,10 @@ def _as_manifest(manifest) -> tuple[pd.DataFrame, str]:
 # %% ../../nbs/50_eval.embeddings.ipynb #a7bd07d7
 def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), batch_size: int = 32, cache_dir: str | Path | None = None, patch_pool: int | None = None,
                        device: str = "auto", precision: str = "fp32", num_workers: int = 0, refresh: bool = False,
-                       show_progress: bool | None = None, fast: bool = False, threads: int = 1) -> dict[str, np.ndarray]:
-    "Embeddings of every manifest row for each token type, cached under `cache_dir` (default: settings cache_dir/embeddings)."
+                       show_progress: bool | None = None, fast: bool = False, threads: int = 1,
+                       dist_info: DistInfo | None = None) -> dict[str, np.ndarray]:
+    """Embeddings of every manifest row for each token type, cached under `cache_dir` (default: settings cache_dir/embeddings).
+    With `dist_info` of a torchrun job (`train.distributed.init_distributed`), every rank calls this and embeds its share."""
     tokens = _check_tokens(tokens)
     df, mname = _as_manifest(manifest)
     model, bname = _resolve_backbone(backbone)
@@ -207,9 +210,10 @@ def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), bat
     todo = [t for t in tokens if refresh or not files[t].is_file() or not (folder / "valid.npy").is_file()]
     if todo:
         folder.mkdir(parents=True, exist_ok=True)
-        _compute(model, df, todo, {t: files[t] for t in todo}, folder, pcfg, batch_size, patch_pool, device, precision,
-                 num_workers, show_progress, dict(backbone=bname, manifest=mname, preprocess=pcfg, n=len(df),
-                                                  precision=precision, fast=fast), fast, threads)
+        args = (pcfg, batch_size, patch_pool, device, precision, num_workers, show_progress,
+                dict(backbone=bname, manifest=mname, preprocess=pcfg, n=len(df), precision=precision, fast=fast), fast, threads)
+        if dist_info is not None and dist_info.world > 1: _compute_sharded(dist_info, key, model, df, todo, {t: files[t] for t in todo}, folder, *args)
+        else: _compute(model, df, todo, {t: files[t] for t in todo}, folder, *args)
     out = {t: np.load(files[t], mmap_mode="r" if t == "patch" else None) for t in tokens}
     out["valid"] = np.load(folder / "valid.npy")
     out["image_id"] = (df["image_id"].astype(str) if "image_id" in df.columns else pd.Series(range(len(df))).astype(str)).to_numpy()
@@ -263,13 +267,56 @@ def _compute(model, df, tokens, files, folder, pcfg, batch_size, patch_pool, dev
         if not valid.all(): a[~valid] = np.nan   # not a whole-file NaN fill up front: patch grids would be written twice
         a.flush(); del a
         os.replace(tmp[t], files[t])
+    _finish(folder, valid, failures, meta, tokens, patch_pool)
+
+def _finish(folder: Path, valid, failures: list, meta: dict, tokens, patch_pool) -> None:
+    "Write a cache folder's `valid.npy`, `report.csv` (the rows that failed, and why) and `meta.json`."
     np.save(folder / "valid.npy", valid)
     pd.DataFrame(failures, columns=["row", "image_id", "path", "error"]).to_csv(folder / "report.csv", index=False)
-    info = dict(meta, tokens=sorted(set(tokens) | set(json.loads((folder / "meta.json").read_text()).get("tokens", []) if (folder / "meta.json").is_file() else set())),
-                patch_pool=patch_pool, n_failed=len(failures), created=time.strftime("%Y-%m-%d %H:%M:%S"))
+    old = json.loads((folder / "meta.json").read_text()).get("tokens", []) if (folder / "meta.json").is_file() else []
+    info = dict(meta, tokens=sorted(set(tokens) | set(old)), patch_pool=patch_pool, n_failed=len(failures), created=time.strftime("%Y-%m-%d %H:%M:%S"))
     (folder / "meta.json").write_text(json.dumps(info, indent=1, default=str))
-    if failures:
-        print(f"embeddings: {len(failures)} of {n} images failed; see {folder / 'report.csv'}", file=sys.stderr)
+    if failures: print(f"embeddings: {len(failures)} of {len(valid)} images failed; see {folder / 'report.csv'}", file=sys.stderr)
+
+# %% ../../nbs/50_eval.embeddings.ipynb #59bdf0ad
+def _compute_sharded(d: DistInfo, key: str, model, df, tokens, files, folder, pcfg, batch_size, patch_pool, device, precision,
+                     num_workers, show_progress, meta, fast=False, threads=1):
+    "`_compute` in a torchrun job: rank r embeds rows [n·r/W, n·(r+1)/W) into its own shard folder; rank 0 then merges the shards."
+    keys = [None] * d.world; torch.distributed.all_gather_object(keys, key)
+    if len(set(keys)) > 1: raise RuntimeError(f"the ranks disagree on the cache key {sorted(set(keys))}: each rank must load the same weights and manifest")
+    n = len(df); s, e = n * d.rank // d.world, n * (d.rank + 1) // d.world
+    sub = folder / f"shard{d.rank}of{d.world}"; shutil.rmtree(sub, ignore_errors=True); sub.mkdir(parents=True)
+    part = df.iloc[s:e].reset_index(drop=True)
+    try: _compute(model, part, tokens, {t: sub / f.name for t, f in files.items()}, sub, pcfg, batch_size, patch_pool, str(d.device),
+                  precision, num_workers, show_progress if d.main else False, dict(meta, n=e - s), fast, threads)
+    except Exception as ex:   # never lose a shard silently: unless `_compute` reported its rows itself, each row gets this error
+        if not (sub / "report.csv").is_file():
+            ids = part["image_id"].astype(str) if "image_id" in part.columns else [str(i) for i in range(s, e)]
+            pd.DataFrame(dict(row=range(e - s), image_id=ids, path=part["abs_path"].astype(str),
+                              error=f"rank {d.rank}: {type(ex).__name__}: {ex}")).to_csv(sub / "report.csv", index=False)
+    barrier(d)
+    if d.main: _merge_shards(folder, files, n, d.world, meta, tokens, patch_pool)
+    barrier(d)
+    if not all(f.is_file() for f in files.values()): raise RuntimeError(f"no image of {meta['manifest']} could be embedded; see {folder / 'report.csv'}")
+
+def _merge_shards(folder: Path, files: dict, n: int, world: int, meta: dict, tokens, patch_pool) -> None:
+    "The shard folders' arrays, validity and reports as one cache folder, rows in manifest order (rank 0); the shards are removed."
+    valid, failures, parts = np.zeros(n, bool), [], [(folder / f"shard{r}of{world}", n * r // world) for r in range(world)]
+    for sub, s in parts:
+        if (sub / "valid.npy").is_file(): v = np.load(sub / "valid.npy"); valid[s:s + len(v)] = v
+        if (sub / "report.csv").is_file():
+            rep = pd.read_csv(sub / "report.csv"); rep["row"] += s; failures += rep.to_dict("records")
+    for t, f in files.items():
+        src = [(np.load(sub / f.name, mmap_mode="r"), s) for sub, s in parts if (sub / f.name).is_file()]
+        if not src: continue
+        tmp = f.with_suffix(".tmp.npy")
+        a = np.lib.format.open_memmap(tmp, mode="w+", dtype=src[0][0].dtype, shape=(n,) + src[0][0].shape[1:])
+        for x, s in src: a[s:s + len(x)] = x
+        if not valid.all(): a[~valid] = np.nan   # the failed rows, and every row of a shard that wrote no array
+        a.flush(); del a; os.replace(tmp, f)
+    _finish(folder, valid, sorted(failures, key=lambda r: r["row"]), meta, tokens, patch_pool)
+    for sub, _ in parts: shutil.rmtree(sub, ignore_errors=True)
+
 
 # %% ../../nbs/50_eval.embeddings.ipynb #b97615db
 def cli_embed(argv: list[str] | None = None) -> int:
@@ -291,11 +338,14 @@ def cli_embed(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     try:
         bb = load_backbone(a.backbone, img_size=a.img_size) if a.img_size else a.backbone
+        d = init_distributed(a.device)   # under torchrun: every rank embeds its share of the rows, rank 0 merges them
         r = extract_embeddings(bb, a.manifest, a.tokens, batch_size=a.batch_size, cache_dir=a.out, patch_pool=a.patch_pool,
-                               device=a.device, precision=a.precision, num_workers=a.num_workers, refresh=a.refresh, fast=a.fast,
-                               threads=a.threads)
+                               device=str(d.device), precision=a.precision, num_workers=a.num_workers, refresh=a.refresh, fast=a.fast,
+                               threads=a.threads, dist_info=d)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         print(f"xr0 embed: {e}", file=sys.stderr); return 2
+    if d.own_group: torch.distributed.destroy_process_group()
+    if not d.main: return 0
     shapes = ", ".join(f"{t} {tuple(r[t].shape)}" for t in a.tokens)
     print(f"{r['cache_dir']}: {int(r['valid'].sum())}/{len(r['valid'])} images embedded; {shapes}")
     return 0
