@@ -41,8 +41,8 @@ def _block_topk(s: torch.Tensor, k: int, group: int = 32) -> tuple[torch.Tensor,
     Q, M = s.shape; n = M // group * group
     if n < 8 * k * group: return s.topk(min(k, M), dim=1)   # too few groups for the shortcut to pay
     _, gi = s[:, :n].view(Q, -1, group).amax(2).topk(k, dim=1)
-    cols = (gi[:, :, None] * group + torch.arange(group)).view(Q, -1)
-    if n < M: cols = torch.cat([cols, torch.arange(n, M).expand(Q, -1)], 1)
+    cols = (gi[:, :, None] * group + torch.arange(group, device=s.device)).view(Q, -1)
+    if n < M: cols = torch.cat([cols, torch.arange(n, M, device=s.device).expand(Q, -1)], 1)
     v, sel = s.gather(1, cols).topk(k, dim=1)
     return v, cols.gather(1, sel)
 
@@ -86,8 +86,8 @@ class _RunningTopk:
         if not self.buf: return
         r, c, v = (torch.cat(x) for x in zip(*self.buf)); self.buf, self.nbuf = [], 0
         Q = len(self.s); n = torch.bincount(r, minlength=Q); o = torch.argsort(r, stable=True); r, c, v = r[o], c[o], v[o]
-        pos = torch.arange(len(r)) - (torch.cumsum(n, 0) - n)[r]
-        ps = torch.full((Q, int(n.max())), -float("inf"), dtype=self.s.dtype); pi = torch.zeros(ps.shape, dtype=self.i.dtype)
+        pos = torch.arange(len(r), device=r.device) - (torch.cumsum(n, 0) - n)[r]
+        ps = torch.full((Q, int(n.max())), -float("inf"), dtype=self.s.dtype, device=r.device); pi = torch.zeros_like(ps, dtype=self.i.dtype)
         ps[r, pos], pi[r, pos] = v, c
         self.s, sel = torch.cat([self.s, ps], 1).topk(self.k, dim=1); self.i = torch.cat([self.i, pi], 1).gather(1, sel)
     def add(self, s: torch.Tensor, c0: int):
@@ -99,7 +99,7 @@ class _RunningTopk:
         r, gi = (s.view(Q, -1, self.g).amax(2) > tau[:, None]).nonzero(as_tuple=True)
         if len(r) * self.g > 4 * Q * self.k:   # most of the block passes (e.g. candidates sorted by score): a plain merge is cheaper
             self._flush(); bs, bi = _block_topk(s, self.k); self.s, self.i = _merge_topk(self.s, self.i, bs, bi + c0, self.k); return
-        r = r.repeat_interleave(self.g); c = (gi[:, None] * self.g + torch.arange(self.g)).reshape(-1); v = s[r, c]; keep = v > tau[r]
+        r = r.repeat_interleave(self.g); c = (gi[:, None] * self.g + torch.arange(self.g, device=s.device)).reshape(-1); v = s[r, c]; keep = v > tau[r]
         self.buf.append((r[keep], c[keep] + c0, v[keep])); self.nbuf += int(keep.sum())
         if self.nbuf > Q * self.k // 2: self._flush()
     def result(self) -> tuple[torch.Tensor, torch.Tensor]:
