@@ -998,6 +998,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'xr0_lib.knn': { 'xr0_lib.knn._RunningTopk': ('knn.html#_runningtopk', 'xr0_lib/knn.py'),
                              'xr0_lib.knn._RunningTopk.__init__': ('knn.html#_runningtopk.__init__', 'xr0_lib/knn.py'),
                              'xr0_lib.knn._RunningTopk._flush': ('knn.html#_runningtopk._flush', 'xr0_lib/knn.py'),
+                             'xr0_lib.knn._RunningTopk._merge_block': ('knn.html#_runningtopk._merge_block', 'xr0_lib/knn.py'),
                              'xr0_lib.knn._RunningTopk.add': ('knn.html#_runningtopk.add', 'xr0_lib/knn.py'),
                              'xr0_lib.knn._RunningTopk.result': ('knn.html#_runningtopk.result', 'xr0_lib/knn.py'),
                              'xr0_lib.knn._block_topk': ('knn.html#_block_topk', 'xr0_lib/knn.py'),

@@ -90,15 +90,17 @@ class _RunningTopk:
         ps = torch.full((Q, int(n.max())), -float("inf"), dtype=self.s.dtype, device=r.device); pi = torch.zeros_like(ps, dtype=self.i.dtype)
         ps[r, pos], pi[r, pos] = v, c
         self.s, sel = torch.cat([self.s, ps], 1).topk(self.k, dim=1); self.i = torch.cat([self.i, pi], 1).gather(1, sel)
+    def _merge_block(self, s: torch.Tensor, c0: int):
+        "Merge a whole block's top-k (until k scores are held, and when most of a block would pass)."
+        self._flush(); bs, bi = _block_topk(s, min(self.k, s.shape[1])); self.s, self.i = _merge_topk(self.s, self.i, bs, bi + c0, self.k)
     def add(self, s: torch.Tensor, c0: int):
         "Fold in block `s` whose column 0 is candidate `c0`."
         Q, M = s.shape
-        if self.s is None or self.s.shape[1] < self.k or M % self.g or not torch.isfinite(self.s[:, -1]).all():
-            self._flush(); bs, bi = _block_topk(s, min(self.k, M)); self.s, self.i = _merge_topk(self.s, self.i, bs, bi + c0, self.k); return
+        if self.s is None or self.s.shape[1] < self.k or M % self.g or not torch.isfinite(self.s[:, -1]).all(): return self._merge_block(s, c0)
         tau = self.s[:, -1]
         r, gi = (s.view(Q, -1, self.g).amax(2) > tau[:, None]).nonzero(as_tuple=True)
         if len(r) * self.g > 4 * Q * self.k:   # most of the block passes (e.g. candidates sorted by score): a plain merge is cheaper
-            self._flush(); bs, bi = _block_topk(s, self.k); self.s, self.i = _merge_topk(self.s, self.i, bs, bi + c0, self.k); return
+            return self._merge_block(s, c0)
         r = r.repeat_interleave(self.g); c = (gi[:, None] * self.g + torch.arange(self.g, device=s.device)).reshape(-1); v = s[r, c]; keep = v > tau[r]
         self.buf.append((r[keep], c[keep] + c0, v[keep])); self.nbuf += int(keep.sum())
         if self.nbuf > Q * self.k // 2: self._flush()

@@ -201,8 +201,8 @@ def extract_embeddings(backbone, manifest, tokens: Sequence[str] = ("cls",), bat
     df, mname = _as_manifest(manifest)
     model, bname = _resolve_backbone(backbone)
     pcfg = preprocess_config(model)
-    precision = resolve_precision(precision, select_device(device))
-    fused = not fast and select_device(device).type == "cpu" and _fusable(model, precision_dtype(precision))   # as `_compute` decides
+    dev = select_device(device); precision = resolve_precision(precision, dev)
+    fused = not fast and dev.type == "cpu" and _fusable(model, precision_dtype(precision))   # as `_compute` decides
     key = _cache_key(bname, _weights_hash(model), _manifest_fingerprint(df), pcfg, precision, fast, fused)
     root = Path(cache_dir).expanduser() if cache_dir is not None else get_settings().cache_dir / "embeddings"
     folder = root / key
