@@ -1,7 +1,8 @@
 """The default CPU embedding path (oneDNN-packed GEMMs with GELU and residual adds fused, `FusedBackbone`) gives the
 plain module's embeddings: every token type, with and without registers, in fp32 to rounding and in bf16 within
-the distance autocast keeps; `xr0 embed` starts without the notebook machinery."""
-import subprocess, sys
+the distance autocast keeps; `xr0 embed` starts without the notebook machinery, and a Hugging Face folder loads without
+importing transformers once the position-resize probe is cached."""
+import os, subprocess, sys
 
 import numpy as np
 import pandas as pd
@@ -79,3 +80,15 @@ def test_embed_command_starts_without_nbformat():
     code = "import sys, xr0_lib.cli as c; c._resolve(c.COMMANDS['embed']); print('nbformat' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False"
+
+
+def test_second_hf_load_does_not_import_transformers(tmp_path):
+    from xr0_lib.models.backbones import export_hf
+    folder = tmp_path / "hf"; export_hf(load_backbone("xr0-vitp14", img_size=56, depth=1), folder)
+    code = ("import sys; from xr0_lib.models.backbones import load_backbone; load_backbone(sys.argv[1]); "
+            "print('transformers' in sys.modules)")
+    env = {**os.environ, "XR0_CACHE_DIR": str(tmp_path / "cache")}
+    run = lambda: subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    assert run() == "True"                       # the first load probes transformers and keeps the answer
+    assert (tmp_path / "cache" / "hf_pos_interp.json").is_file()
+    assert run() == "False"                      # later processes read it (a corrupt file: see nbs/22_models.interop)

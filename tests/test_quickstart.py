@@ -21,6 +21,7 @@ def _run(out: Path, **extra) -> pd.DataFrame:
         assert (out / f).is_file(), f"{f} missing from {sorted(p.name for p in out.iterdir())}"
     report = (out / "report.md").read_text()
     assert "| task" in report and "pre-training wins" in report and "![training](training.png)" in report
+    assert "None" not in report, [l for l in report.splitlines() if "None" in l]     # every caption value is filled in
     return pd.read_csv(out / "quickstart_table.csv")
 
 

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/22_models.interop.ipynb #c7b812cf
 from __future__ import annotations
-import json, math, re, warnings
+import contextlib, importlib.metadata, json, math, os, re, warnings
 from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from safetensors.torch import load_file, safe_open
 
+from ..core import SettingsError, get_settings
 from ..augment import default_preprocess, preprocess_from_hf
 from ..data.manifest import ManifestError, safe_join
 from .vit import PATCH_SIZE, BackboneSpec, DinoVisionTransformer, interpolate_pos_embed
@@ -198,27 +199,57 @@ def add_registers(backbone: DinoVisionTransformer, num_registers: int = 4, init:
     return backbone
 
 # %% ../../nbs/22_models.interop.ipynb #95bc71d5
-@lru_cache(maxsize=None)
-def hf_pos_interp(model_type: str) -> tuple[bool, float]:
-    "(antialias, offset) that transformers' `model_type` ('dinov2' or 'dinov2_with_registers') uses to resize positions."
-    import transformers  # about 2 s to import; only Hugging Face weights need it
+_INTERP_CANDIDATES = ((False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1))
+
+def _probe_pos_interp(model_type: str) -> tuple[bool, float] | None:
+    "The candidate that reproduces transformers' resize for `model_type`, or None."
+    import transformers  # about 1.4 s to import; only a probe the cache does not hold needs it
     D, g = 4, 3
     if model_type == "dinov2":
         cfg = transformers.Dinov2Config(hidden_size=D, num_hidden_layers=1, num_attention_heads=1, image_size=g * PATCH_SIZE, patch_size=PATCH_SIZE)
         from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings as Emb  # see above
-    elif model_type == "dinov2_with_registers":
+    else:
         cfg = transformers.Dinov2WithRegistersConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=1, image_size=g * PATCH_SIZE, patch_size=PATCH_SIZE)
         from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import Dinov2WithRegistersEmbeddings as Emb  # see above
-    else: raise ValueError(f"model_type {model_type!r}: expected 'dinov2' or 'dinov2_with_registers'")
     emb = Emb(cfg)
     pe = torch.randn(1, 1 + g * g, D, generator=torch.Generator().manual_seed(0))
     emb.position_embeddings.data.copy_(pe)
     with torch.no_grad():
         ref = emb.interpolate_pos_encoding(torch.zeros(1, 1 + 25, D), 5 * PATCH_SIZE, 5 * PATCH_SIZE)
-    for cand in ((False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1)):
-        if torch.allclose(interpolate_pos_embed(pe, (g, g), (5, 5), *cand), ref, atol=1e-6): return cand
-    warnings.warn(f"transformers' {model_type} resizes position embeddings in a way xr0 does not reproduce; using size-based antialias")
-    return (True, 0.0)
+    return next((c for c in _INTERP_CANDIDATES if torch.allclose(interpolate_pos_embed(pe, (g, g), (5, 5), *c), ref, atol=1e-6)), None)
+
+def _interp_table(file: Path | None) -> dict:
+    "The cached probe results in `file`; {} when it is missing, unreadable or not a JSON object."
+    try: table = json.loads(file.read_text()) if file is not None else {}
+    except (OSError, ValueError): return {}
+    return table if isinstance(table, dict) else {}
+
+@lru_cache(maxsize=None)
+def hf_pos_interp(model_type: str) -> tuple[bool, float]:
+    "(antialias, offset) that transformers' `model_type` ('dinov2' or 'dinov2_with_registers') uses to resize positions."
+    if model_type not in ("dinov2", "dinov2_with_registers"): raise ValueError(f"model_type {model_type!r}: expected 'dinov2' or 'dinov2_with_registers'")
+    try: key = f"{model_type} transformers=={importlib.metadata.version('transformers')}"
+    except importlib.metadata.PackageNotFoundError: key = None
+    try: file = get_settings().cache_dir / "hf_pos_interp.json"
+    except SettingsError: file = None
+    table = _interp_table(file if key else None)
+    hit = table.get(key)
+    if isinstance(hit, list) and len(hit) == 2 and all(isinstance(v, (bool, int, float)) for v in hit):
+        for c in _INTERP_CANDIDATES:
+            if c == tuple(hit): return c
+    cand = _probe_pos_interp(model_type)
+    if cand is None:
+        warnings.warn(f"transformers' {model_type} resizes position embeddings in a way xr0 does not reproduce; using size-based antialias")
+        return (True, 0.0)
+    if key and file is not None:
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        try:   # written atomically: concurrent ranks each replace the file with a whole table
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({**table, key: list(cand)}))
+            os.replace(tmp, file)
+        except OSError:   # a read-only cache folder only costs the probe next time
+            with contextlib.suppress(OSError): tmp.unlink(missing_ok=True)
+    return cand
 
 # %% ../../nbs/22_models.interop.ipynb #af7da0c0
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import DropPath, GluMlp, Mlp
+from timm.layers import DropPath, GluMlp, Mlp, use_fused_attn
 from timm.models import VisionTransformer
 from timm.models._manipulate import checkpoint_seq
 
@@ -20,7 +20,7 @@ from ..augment import default_preprocess
 
 # %% auto #0
 __all__ = ['PATCH_SIZE', 'BACKBONES', 'BackboneSpec', 'backbone_spec', 'interpolate_pos_embed', 'DinoVisionTransformer',
-           'create_backbone']
+           'create_backbone', 'attention_kernel', 'set_attention']
 
 # %% ../../nbs/20_models.vit.ipynb #a8e61a4f
 PATCH_SIZE = 14
@@ -228,3 +228,15 @@ def create_backbone(arch_or_name: str | BackboneSpec, img_size: int = 224, num_r
     m = DinoVisionTransformer(spec, img_size, drop_path_rate, layerscale_init, drop_path_uniform, pos_interp)
     m.source = f"random init ({arch_or_name if isinstance(arch_or_name, str) else 'spec'})"
     return m
+
+# %% ../../nbs/20_models.vit.ipynb #c4e7a2b2
+def attention_kernel(device: torch.device | str, precision: str) -> str:
+    "'eager' (two matmuls and a softmax) on CPU in bf16, else 'sdpa'."
+    return "eager" if torch.device(device).type == "cpu" and precision == "bf16" else "sdpa"
+
+def set_attention(module: nn.Module, kernel: str) -> nn.Module:
+    "Every timm attention layer in `module` on `kernel`: 'sdpa' (timm's default) or 'eager'; returns `module`."
+    if kernel not in ("sdpa", "eager"): raise ValueError(f"attention kernel {kernel!r}: expected 'sdpa' or 'eager'")
+    for m in module.modules():
+        if hasattr(m, "fused_attn"): m.fused_attn = kernel == "sdpa" and use_fused_attn()
+    return module

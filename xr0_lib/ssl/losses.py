@@ -9,13 +9,43 @@ import torch.nn.functional as F
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['dino_loss', 'ibot_loss', 'ibot_loss_masked', 'koleo_loss', 'gram_loss']
+__all__ = ['soft_cross_entropy', 'dino_loss', 'ibot_loss', 'ibot_loss_masked', 'koleo_loss', 'gram_loss']
 
 # %% ../../nbs/30_ssl.losses.ipynb #63c88e57
-def _ce(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
-    "Cross-entropy H(p_t, softmax(s/τ_s)) along the last axis, in fp32."
-    lsm = F.log_softmax(student_logits.float() / student_temp, dim=-1)
-    return -(teacher_probs.detach().float() * lsm).sum(-1)
+class _SoftCE(torch.autograd.Function):
+    "−Σ t·log_softmax(s/τ) per row, a few rows at a time; backward recomputes each chunk's softmax."
+    @staticmethod
+    def forward(ctx, t: Tensor, s: Tensor, temp: float) -> Tensor:
+        K = s.shape[-1]; s2, t2 = s.reshape(-1, K), t.reshape(-1, K)
+        acc, rows = torch.promote_types(s.dtype, torch.float32), max(1, (1 << 18) // max(K, 1))
+        out = torch.empty(s2.shape[0], dtype=acc, device=s.device); t_sum = torch.empty_like(out)
+        with torch.autocast(s.device.type, enabled=False):
+            for i in range(0, s2.shape[0], rows):
+                tc = t2[i:i + rows].to(acc)
+                lsm = F.log_softmax(s2[i:i + rows].to(acc, copy=True).div_(temp), -1)
+                out[i:i + rows] = lsm.mul_(tc).sum(-1).neg_()
+                t_sum[i:i + rows] = tc.sum(-1)
+        ctx.save_for_backward(t, s, t_sum); ctx.temp, ctx.rows = temp, rows
+        return out.reshape(s.shape[:-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        t, s, t_sum = ctx.saved_tensors; temp, rows = ctx.temp, ctx.rows
+        K = s.shape[-1]; s2, t2 = s.reshape(-1, K), t.reshape(-1, K)
+        neg_g = grad_out.reshape(-1, 1).to(t_sum.dtype) / -temp
+        grad, pos = torch.empty_like(s2), t_sum[:, None] * -neg_g
+        with torch.autocast(s.device.type, enabled=False):
+            for i in range(0, s2.shape[0], rows):   # (softmax(s/τ)·Σt − t)/τ · grad_out, written in the logits' dtype
+                p = torch.softmax(s2[i:i + rows].to(neg_g.dtype, copy=True).div_(temp), -1).mul_(pos[i:i + rows])
+                torch.addcmul(p, t2[i:i + rows], neg_g[i:i + rows], out=grad[i:i + rows])
+        return None, grad.reshape(s.shape), None
+
+def soft_cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
+    "Cross-entropy H(p_t, softmax(s/τ_s)) along the last axis, accumulated in fp32 (or the inputs' wider dtype)."
+    if teacher_probs.shape != student_logits.shape:
+        raise ValueError(f"teacher_probs {tuple(teacher_probs.shape)} and student_logits {tuple(student_logits.shape)} differ")
+    return _SoftCE.apply(teacher_probs.detach(), student_logits, float(student_temp))
 
 # %% ../../nbs/30_ssl.losses.ipynb #280447b5
 def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student_temp: float = 0.1,
@@ -36,7 +66,7 @@ def dino_loss(student_logits: list[Tensor], teacher_probs: list[Tensor], student
         target = t_sum - t_all[i] if skip else t_sum
         n = len(teacher_probs) - int(skip)
         if n == 0: continue
-        total = total + _ce(target, s, student_temp).mean()  # CE is linear in the target: one pass for n pairs
+        total = total + soft_cross_entropy(target, s, student_temp).mean()  # CE is linear in the target: one pass for n pairs
         n_pairs += n
     if n_pairs == 0: raise ValueError("dino_loss: no (student, teacher) pair left after ignoring the diagonal")
     return total / n_pairs
@@ -51,7 +81,7 @@ def ibot_loss(student_patch_logits: Tensor, teacher_patch_probs: Tensor, masks: 
     if masks.shape != student_patch_logits.shape[:2]:
         raise ValueError(f"masks {tuple(masks.shape)} must be (B, N) = {tuple(student_patch_logits.shape[:2])}")
     m = masks.to(torch.float32)
-    ce = _ce(teacher_patch_probs, student_patch_logits, student_temp)  # (B, N)
+    ce = soft_cross_entropy(teacher_patch_probs, student_patch_logits, student_temp)  # (B, N)
     per_crop = (ce * m).sum(-1) / m.sum(-1).clamp(min=1.0)
     return per_crop.mean()
 
@@ -63,7 +93,7 @@ def ibot_loss_masked(student_logits: Tensor, teacher_probs: Tensor, mask_weights
     if mask_weights.shape != student_logits.shape[:1]:
         raise ValueError(f"mask_weights {tuple(mask_weights.shape)} must be (M,) = ({student_logits.shape[0]},)")
     if int(n_masked_crops) < 1: raise ValueError(f"n_masked_crops must be >= 1, got {n_masked_crops}")
-    ce = _ce(teacher_probs, student_logits, student_temp)
+    ce = soft_cross_entropy(teacher_probs, student_logits, student_temp)
     return (ce * mask_weights.detach().float()).sum() / int(n_masked_crops)
 
 # %% ../../nbs/30_ssl.losses.ipynb #b4e4b709

@@ -19,7 +19,7 @@ from ..core import (ConfigError, OutputError, autocast, check_writable, disk_err
                           save_config, seed_everything, select_device)
 from ..augment import collate_dino
 from ..models.backbones import ModelConfig
-from ..models.vit import PATCH_SIZE, interpolate_pos_embed
+from ..models.vit import PATCH_SIZE, attention_kernel, interpolate_pos_embed, set_attention
 from ..models.heads import HeadsConfig
 from ..ssl.meta import SSLConfig, SSLMetaArch, gram_refresh_due, random_batch
 from .schedules import apply_schedules, build_schedules, clip_grad_norms, make_optimizer, param_groups
@@ -95,12 +95,10 @@ def _keep_freed_memory() -> bool:
     return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 2**31 - 1))   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
 
 def _cpu_fast_paths(meta: nn.Module, device, precision: str) -> None:
-    "On CPU: keep freed memory in the process; in bf16, attention as two matmuls (timm's eager path) instead of SDPA's flash kernel."
+    "On CPU: keep freed memory in the process, and the attention kernel `models.vit.attention_kernel` picks (eager in bf16)."
     if torch.device(device).type != "cpu": return
     _keep_freed_memory()
-    if precision == "bf16":   # the CPU flash-attention backward in bf16 is slower than in fp32; eager: -15% of a ViT-S/14 step
-        for m in meta.modules():
-            if hasattr(m, "fused_attn"): m.fused_attn = False
+    set_attention(meta, attention_kernel(device, precision))
 
 
 # %% ../../nbs/46_train.trainer.ipynb #55084789
