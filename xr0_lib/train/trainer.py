@@ -13,6 +13,7 @@ from types import ModuleType, SimpleNamespace
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from safetensors import safe_open
 
 from ..core import (ConfigError, OutputError, autocast, check_writable, disk_error, get_settings, parse_overrides, precision_dtype, progress, native_bf16, resolve_precision,
@@ -31,7 +32,7 @@ from .monitor import (HEALTH_FIELDS, METRIC_FIELDS, HealthMonitor, MetricLog, Re
                                    collapse_signals, snapshot_blocks)
 
 # %% auto #0
-__all__ = ['NonFiniteLossError', 'pretrain', 'cli_pretrain', 'benchmark_train_step', 'official_state_dict',
+__all__ = ['NonFiniteLossError', 'pretrain', 'cli_pretrain', 'benchmark_train_step', 'profile_train_step', 'official_state_dict',
            'benchmark_official_step']
 
 # %% ../../nbs/46_train.trainer.ipynb #266a9ed8
@@ -406,12 +407,8 @@ def _linear_shapes(module: nn.Module, into: list):
         for h in hs: h.remove()
 
 # %% ../../nbs/46_train.trainer.ipynb #38e992b1
-def benchmark_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size: int = 112, local_size: int = 56,
-                         n_local: int = 4, precision: str = "auto", out_dim: int = 4096, steps: int = 3,
-                         device: str = "auto") -> dict:
-    "Step time, images/s, peak memory and MFU of full pre-training steps of `arch` on random batches."
-    # the FLOP counter costs ~0.2 s at import; only this benchmark needs it
-    from torch.utils.flop_counter import FlopCounterMode
+def _bench_step(arch, batch, global_size, local_size, n_local, precision, out_dim, device):
+    "A full pre-training step of `arch` on one random batch, as `pretrain` runs it: (step function, meta, device, precision)."
     dev = select_device(device)
     precision = resolve_precision(precision, dev)
     meta = SSLMetaArch.from_config(ModelConfig(arch=arch, heads=HeadsConfig(dino_out_dim=out_dim, ibot_out_dim=out_dim)),
@@ -424,6 +421,15 @@ def benchmark_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size:
         with autocast(dev, precision): loss, _ = meta(x, 0.04)
         loss.backward(); clip_grad_norms(_modules(meta), 3.0); opt.step(); opt.zero_grad(set_to_none=True)
         meta.update_teacher(0.996)
+    return step, meta, dev, precision
+
+def benchmark_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size: int = 112, local_size: int = 56,
+                         n_local: int = 4, precision: str = "auto", out_dim: int = 4096, steps: int = 3,
+                         device: str = "auto") -> dict:
+    "Step time, images/s, peak memory and MFU of full pre-training steps of `arch` on random batches."
+    # the FLOP counter costs ~0.2 s at import; only this benchmark needs it
+    from torch.utils.flop_counter import FlopCounterMode
+    step, meta, dev, precision = _bench_step(arch, batch, global_size, local_size, n_local, precision, out_dim, device)
     shapes = []
     with _linear_shapes(meta, shapes): step()                # warm-up (allocations, AdamW state), layer shapes
     with FlopCounterMode(display=False) as fc: step()
@@ -441,6 +447,35 @@ def benchmark_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size:
                 step_time_s=dt, images_per_s=batch / dt, gflop_per_step=flops / 1e9, achieved_gflops=flops / dt / 1e9,
                 matmul_gflops=rate / 1e9, matmul_peak_shape="x".join(map(str, at)), mfu=flops / dt / rate,
                 peak_memory_gb=peak / 2**30)
+
+# %% ../../nbs/46_train.trainer.ipynb #9a450745
+_OP_KINDS = (("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+             ("attention", ("flash_attention", "scaled_dot_product", "_efficient_attention")),
+             ("cast/copy", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::cat", "aten::index", "aten::stack")),
+             ("optimiser", ("_foreach_", "aten::addcdiv_", "aten::addcmul_", "aten::lerp_", "aten::sqrt")),
+             ("softmax/reduce", ("softmax", "aten::exp", "aten::log", "aten::sum", "aten::max", "aten::amax", "aten::mean")),
+             ("layernorm/gelu", ("layer_norm", "gelu", "norm")),
+             ("conv", ("convolution",)),
+             ("elementwise", ("aten::mul", "aten::add", "aten::div", "aten::sub", "aten::where", "aten::fill_", "aten::zero_",
+                              "aten::neg", "aten::pow", "aten::clamp", "aten::rsub")))
+
+def profile_train_step(arch: str = "xr0-vitt14", batch: int = 16, global_size: int = 112, local_size: int = 56, n_local: int = 4,
+                       precision: str = "auto", out_dim: int = 4096, steps: int = 2, device: str = "auto") -> dict:
+    "Unprofiled step seconds; self CPU milliseconds per profiled step and share of each op kind (`_OP_KINDS`, else 'other') of `arch`'s pre-training step."
+    step, _, dev, precision = _bench_step(arch, batch, global_size, local_size, n_local, precision, out_dim, device)
+    for _ in range(3): step()       # warm-up: allocations, AdamW state, freed memory kept (fewer left 4x profiler overhead in bf16)
+    t = time.perf_counter(); step(); _sync(dev); step_s = time.perf_counter() - t
+    kinds: dict[str, float] = {}
+    for _ in range(steps):          # one trace per step: a trace over several steps inflated them several-fold
+        with profile(activities=[ProfilerActivity.CPU]) as prof: step()
+        for e in prof.key_averages():
+            if e.key.startswith(("autograd::", "Optimizer.")) or e.key.endswith("Backward0"): continue   # wrappers: their ops are counted
+            kind = next((k for k, keys in _OP_KINDS if any(s in e.key for s in keys)), "other")
+            kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e3 / steps
+    total = sum(kinds.values())
+    return dict(arch=arch, precision=precision, device=str(dev), threads=torch.get_num_threads(), step_s=round(step_s, 3), ms_per_step=round(total, 1),
+                kinds={k: dict(ms=round(v, 1), share=round(v / total, 3)) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])})
+
 
 # %% ../../nbs/46_train.trainer.ipynb #0ff1c1a2
 class _BlockDiag:
