@@ -61,9 +61,11 @@ PHANTOM_SEG_TASKS = {
                        "clavicles": [LABEL_ID["right_clavicle"], LABEL_ID["left_clavicle"]]},
                       filters={"anatomy": ["chest"], "view": ["frontal"]}),
     "bones": SegTask("bones", _BONES, "mask_path", {b: LABEL_ID[b] for b in _BONES}),
-    # all bones as one class: the tissue separation a patch feature should carry, without the anatomy guess "bones" needs
+    # all bones (clavicles too) as one class, the heart as soft tissue: the tissue separation a patch feature should carry,
+    # without the anatomy guess "bones" needs
     "tissues": SegTask("tissues", ["bone", "soft_tissue", "lungs"], "mask_path",
-                       {"bone": [LABEL_ID[b] for b in _BONES], "soft_tissue": LABEL_ID["soft_tissue"],
+                       {"bone": [LABEL_ID[b] for b in _BONES + ["right_clavicle", "left_clavicle"]],
+                        "soft_tissue": [LABEL_ID["soft_tissue"], LABEL_ID["heart"]],
                         "lungs": [LABEL_ID["right_lung"], LABEL_ID["left_lung"], LABEL_ID["lungs_lateral"]]}),
     "ribs": SegTask("ribs", list(RIB_IDS.values()), "rib_mask_path", {v: k for k, v in RIB_IDS.items()},
                     filters={"anatomy": ["chest"], "view": ["frontal"]}),
