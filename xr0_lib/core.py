@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 # %% auto #0
 __all__ = ['Precision', 'SettingsError', 'Settings', 'find_settings_file', 'get_settings', 'local_weights', 'refuse_remote_code',
-           'ConfigError', 'config_from_dict', 'config_to_dict', 'parse_overrides', 'load_config', 'save_config',
-           'seed_everything', 'select_device', 'precision_dtype', 'native_bf16', 'resolve_precision', 'autocast',
-           'progress', 'OutputError', 'disk_error', 'check_writable', 'file_kind', 'digest', 'code_digest',
+           'ConfigError', 'config_from_dict', 'config_to_dict', 'yaml_load', 'parse_overrides', 'load_config',
+           'save_config', 'seed_everything', 'select_device', 'precision_dtype', 'native_bf16', 'resolve_precision',
+           'autocast', 'progress', 'OutputError', 'disk_error', 'check_writable', 'file_kind', 'digest', 'code_digest',
            'cached_arrays']
 
 # %% ../nbs/00_core.ipynb #ec8f403d
@@ -221,6 +221,16 @@ def config_to_dict(cfg) -> dict:
         return v
     return {k: conv(v) for k, v in dataclasses.asdict(cfg).items()}
 
+# %% ../nbs/00_core.ipynb #a7c1e3f0
+class _YamlLoader(yaml.SafeLoader):
+    "PyYAML's safe loader, but `1e-3` is a float (YAML 1.2), not the string YAML 1.1 makes of it."
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+def yaml_load(text: str):
+    "Parse YAML text safely (plain data only, no Python objects), reading `1e-3` as the float people mean."
+    return yaml.load(text, Loader=_YamlLoader)
+
 # %% ../nbs/00_core.ipynb #4a687173
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
@@ -235,7 +245,7 @@ def parse_overrides(pairs: Iterable[str]) -> dict:
         if "=" not in p: raise ConfigError(f"override {p!r} is not of the form key.sub=value")
         k, v = p.split("=", 1)
         *head, last = k.strip().split(".")
-        one = {last: yaml.safe_load(v) if v.strip() else ""}
+        one = {last: yaml_load(v) if v.strip() else ""}
         for h in reversed(head): one = {h: one}
         out = _deep_merge(out, one)
     return out
@@ -246,7 +256,7 @@ def load_config(cls, source: str | Path | dict | None = None, overrides: dict | 
     base: dict = {}
     if isinstance(source, (str, Path)):
         p = Path(source)
-        try: base = yaml.safe_load(p.read_text()) or {}
+        try: base = yaml_load(p.read_text()) or {}
         except (OSError, yaml.YAMLError) as e: raise ConfigError(f"cannot read config file {p}: {e}") from e
         if not isinstance(base, dict): raise ConfigError(f"config file {p}: top level must be a mapping")
     elif isinstance(source, dict): base = source

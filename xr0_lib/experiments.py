@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 import xr0_lib
-from .core import progress
+from .core import progress, yaml_load
 from .data.phantom import make_phantom_dataset
 from .eval.tables import markdown_table, paper_table
 
@@ -121,7 +121,7 @@ def run_experiment(name: str | Path, out_dir: str | Path, parameters: dict | Non
     import papermill as pm   # ~1 s to import (nbconvert, a kernel client): only when a notebook runs
     src = find_experiment(name)
     params = {}
-    if params_file: params.update(yaml.safe_load(Path(params_file).read_text()) or {})
+    if params_file: params.update(yaml_load(Path(params_file).read_text()) or {})
     params.update(parameters or {})
     declared = notebook_parameters(src)
     exprs = {k for k, v in pm.inspect_notebook(str(src)).items() if declared[k] == v["default"] and isinstance(declared[k], str)}
@@ -227,7 +227,7 @@ def _load_spec(spec: dict | str | Path) -> dict:
     where = "sweep"
     if not isinstance(spec, dict):
         p = Path(spec); where = f"sweep file {p}"
-        try: spec = yaml.safe_load(p.read_text())
+        try: spec = yaml_load(p.read_text())
         except (OSError, yaml.YAMLError) as e: raise ValueError(f"cannot read {where}: {str(e).splitlines()[0]}") from None
     if not isinstance(spec, dict) or "experiment" not in spec:
         raise ValueError(f"{where}: expected a mapping with keys experiment, parameters, grid")
@@ -268,7 +268,7 @@ def run_sweep(spec: dict | str | Path, out_dir: str | Path, kernel: str = "pytho
 # %% ../nbs/70_experiments.ipynb #867b5235
 def parse_param_pairs(pairs) -> dict:
     "Parameters from `-p KEY VALUE` pairs, each value parsed as YAML (as papermill does)."
-    return {k: yaml.safe_load(v) for k, v in (pairs or [])}
+    return {k: yaml_load(v) for k, v in (pairs or [])}
 
 def cli_run(argv: list[str] | None = None) -> int:
     "Run one experiment notebook with papermill."

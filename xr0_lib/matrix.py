@@ -19,6 +19,7 @@ from .experiments import (find_experiment, manifest_or_phantom, notebook_paramet
                           sweep_points, _point_dir)
 from .eval.tables import markdown_table, paper_table
 from .models.backbones import backbone_labels
+from .core import yaml_load
 
 # %% auto #0
 __all__ = ['SUITES', 'TABLE_OF', 'TABLE_TITLES', 'load_suite', 'write_suite', 'plan_matrix', 'run_matrix', 'matrix_results',
@@ -98,7 +99,7 @@ def load_suite(suite: str | Path | dict) -> dict:
     else:
         p = Path(suite)
         if not p.is_file(): raise ValueError(f"suite {suite!r} is neither a shipped suite {sorted(SUITES)} nor a YAML file")
-        try: s = yaml.safe_load(p.read_text())
+        try: s = yaml_load(p.read_text())
         except yaml.YAMLError as e: raise ValueError(f"suite file {p}: not valid YAML: {str(e).splitlines()[0]}") from None
         where, here = f"suite file {p}", p.resolve().parent
     if not isinstance(s, dict) or not isinstance(s.get("datasets"), dict) or not s["datasets"]:
@@ -243,7 +244,7 @@ def _records(row: dict, labels: dict) -> list[dict]:
 def matrix_results(out_dir: str | Path) -> pd.DataFrame:
     "One tidy frame of a matrix run's cells (from `matrix_status.csv` and each cell's results.json); missing cells carry a `reason`."
     out = Path(out_dir); st = pd.read_csv(out / "matrix_status.csv", keep_default_na=False)
-    specs = yaml.safe_load((out / "backbones.yaml").read_text()) if (out / "backbones.yaml").is_file() else []
+    specs = yaml_load((out / "backbones.yaml").read_text()) if (out / "backbones.yaml").is_file() else []
     labels = backbone_labels(specs); backbones = list(labels.values())
     rows = []
     for r in st.to_dict("records"):

@@ -16,6 +16,7 @@ from PIL import Image
 
 from .manifest import ManifestError, is_missing, register_adapter, safe_join
 from .masks import boxes_json
+from ..core import yaml_load
 
 # %% auto #0
 __all__ = ['CHEXPERT_LABELS', 'CHEXPERT_COMPETITION', 'CHEXPERT_8x200', 'NIH_LABELS', 'VINDR_CXR_LABELS', 'JSRT_SIZE',
@@ -437,7 +438,7 @@ def parse_yolo_line(line: str, width: int, height: int, where: str = "") -> tupl
 def bone_fracture_adapter(root, data_yaml: str = "data.yaml", regroup: bool = False) -> pd.DataFrame:
     "YOLO Bone Fracture Detection folders → common table with pixel boxes, per-class labels and `fracture`."
     root = Path(root)
-    spec = yaml.safe_load(safe_join(root, data_yaml).read_text())
+    spec = yaml_load(safe_join(root, data_yaml).read_text())
     names = spec.get("names")
     if isinstance(names, dict): names = [names[k] for k in sorted(names)]
     if not names: raise ManifestError(f"{root / data_yaml}: no class 'names'")

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from PIL.Image import DecompressionBombError
 
-from ..core import file_kind, get_settings
+from ..core import file_kind, get_settings, yaml_load
 
 # %% auto #0
 __all__ = ['REQUIRED_COLUMNS', 'SPLITS', 'TASK_TYPES', 'ADAPTERS', 'ManifestError', 'is_missing', 'safe_join', 'read_image',
@@ -189,7 +189,7 @@ def load_dataset_spec(path_or_yaml: str | Path | dict) -> tuple[dict, Path | Non
         where = Path(s)
         if not where.is_file(): raise ManifestError(f"data set description {where} does not exist")
         src = where.read_text()
-    try: spec = yaml.safe_load(src)
+    try: spec = yaml_load(src)
     except yaml.YAMLError as e: raise ManifestError(f"cannot parse data set description {where or '(text)'}: {e}") from e
     if not isinstance(spec, dict): raise ManifestError(f"data set description {where or '(text)'}: top level must be a mapping")
     return spec, where

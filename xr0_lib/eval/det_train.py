@@ -4,7 +4,7 @@
 
 # %% ../../nbs/58a_eval.det_train.ipynb #231c24bc
 from __future__ import annotations
-import contextlib, dataclasses, io, resource, time, warnings
+import contextlib, dataclasses, io, math, resource, time, warnings
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,7 @@ from torchvision.ops import box_iou
 from ..core import cached_arrays, code_digest, digest, seed_everything
 from ..data.manifest import fraction_subset, read_image
 from ..models.backbones import preprocess_config
+from ..train.schedules import warmup_cosine
 from .metrics import bootstrap_indices, paired_delta, percentile_ci
 from .embeddings import _manifest_fingerprint, _weights_hash, frozen_patch_grids   # the embedding cache's identities
 from .detection import (DetrConfig, DetrDecoder, detection_targets, detr_loss, from_input_frame, letterbox,
@@ -47,21 +48,32 @@ def _input_targets(targets, lbs):
     return [dict(labels=torch.as_tensor(t["labels"]).long(), boxes=torch.as_tensor(to_input_frame(t["boxes"], lb), dtype=torch.float32))
             for t, lb in zip(targets, lbs)]
 
+def _anchor_wh(tt, default=0.1):
+    "The median (w, h) of the training boxes in the input frame: where `box_size='auto'` starts every box."
+    wh = torch.cat([t["boxes"][:, 2:] for t in tt]) if tt else torch.zeros(0, 2)
+    return tuple(float(v) for v in wh.median(0).values.clamp(0.01, 0.99)) if len(wh) else (default, default)
+
 def train_detector(feats: torch.Tensor, targets: list[dict], lbs: list[dict], n_classes: int, cfg: DetrConfig,
                    seed: int = 0, device: str = "cpu") -> tuple[DetrDecoder, list[float]]:
     "A DETR decoder trained on cached features (N, taps, h, w, D) for `targets`; and the mean loss of each epoch."
     seed_everything(seed)
-    model = DetrDecoder(feats.shape[-1], n_classes, feats.shape[1], cfg.queries, cfg.layers, cfg.width, cfg.heads,
-                        dropout=cfg.dropout, query_mode=cfg.query_mode, box_size=cfg.box_size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tt = _input_targets(targets, lbs); g = torch.Generator().manual_seed(seed); hist = []
+    box = _anchor_wh(tt) if cfg.box_size == "auto" else cfg.box_size
+    model = DetrDecoder(feats.shape[-1], n_classes, feats.shape[1], cfg.queries, cfg.layers, cfg.width, cfg.heads,
+                        dropout=cfg.dropout, query_mode=cfg.query_mode, box_size=box).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * math.ceil(len(tt) / cfg.batch_size)
+    if cfg.lr_schedule not in ("constant", "cosine"): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
+    lrs = warmup_cosine(cfg.lr, 0.0, steps, int(cfg.warmup * steps)) if cfg.lr_schedule == "cosine" else np.full(steps, cfg.lr)
+    it = 0
     for _ in range(cfg.epochs):
         model.train(); tot = 0.0
         for b in torch.randperm(len(tt), generator=g).split(cfg.batch_size):
+            for grp in opt.param_groups: grp["lr"] = float(lrs[it])
             loss, _ = detr_loss(model(feats[b].to(device).float()), [tt[i] for i in b.tolist()], cfg, n_classes)
             opt.zero_grad(set_to_none=True); loss.backward()
             if cfg.grad_clip: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step(); tot += float(loss.detach()) * len(b)
+            opt.step(); tot += float(loss.detach()) * len(b); it += 1
         hist.append(tot / max(1, len(tt)))
     return model.eval(), hist
 

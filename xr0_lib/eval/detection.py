@@ -130,11 +130,13 @@ class DetrDecoder(nn.Module):
     `query_mode="learned"`: `queries` learned embeddings with learned anchors (DETR). `"patch"`: one query per patch
     token, its content the token, its anchor the patch centre (encoder-token queries as in two-stage Deformable DETR)."""
     def __init__(self, in_dim: int, n_classes: int, n_taps: int = 1, queries: int = 100, layers: int = 6, width: int = 256,
-                 heads: int = 8, ffn: int | None = None, dropout: float = 0.1, query_mode: str = "learned", box_size: float = 0.0):
+                 heads: int = 8, ffn: int | None = None, dropout: float = 0.1, query_mode: str = "learned", box_size: float | tuple = 0.0):
         super().__init__()
         if query_mode not in ("learned", "patch"): raise ValueError(f"query_mode must be 'learned' or 'patch', got {query_mode!r}")
-        if not 0 <= box_size < 1: raise ValueError(f"box_size (initial box side, fraction of the input) must be in [0, 1), got {box_size}")
-        self.n_classes, self.query_mode, self.box_size = n_classes, query_mode, float(box_size)
+        wh = tuple(float(v) for v in (box_size if isinstance(box_size, (tuple, list)) else (box_size, box_size)))
+        if len(wh) != 2 or not all(0 <= v < 1 for v in wh) or (0 in wh and any(wh)):
+            raise ValueError(f"box_size (initial box side, or (w, h), fractions of the input) must be in [0, 1), got {box_size}")
+        self.n_classes, self.query_mode, self.box_size = n_classes, query_mode, wh
         self.proj = nn.Sequential(nn.Linear(in_dim * n_taps, width), nn.LayerNorm(width))
         self.query = nn.Embedding(queries, width)
         layer = nn.TransformerDecoderLayer(width, heads, ffn or 4 * width, dropout, batch_first=True)
@@ -142,7 +144,7 @@ class DetrDecoder(nn.Module):
         self.cls = nn.Linear(width, n_classes + 1)
         self.box = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
         self.ref = nn.Parameter(torch.rand(queries, 2) * 0.8 + 0.1)   # each query's learned anchor (cx, cy)
-        if box_size:   # box head starts at its anchor: every first box is a box_size square at the anchor
+        if any(wh):   # box head starts at its anchor: every first box is a box_size box at the anchor
             nn.init.zeros_(self.box[-1].weight); nn.init.zeros_(self.box[-1].bias)
 
     def forward(self, feats: torch.Tensor) -> dict:
@@ -158,7 +160,7 @@ class DetrDecoder(nn.Module):
         for layer in self.decoder.layers:
             x = layer(x, mem); outs.append(self.decoder.norm(x))
         hs = torch.stack(outs)
-        ref = torch.cat([ref, torch.full_like(ref, self.box_size or 0.5)], 1)
+        ref = torch.cat([ref, torch.tensor(self.box_size if any(self.box_size) else (0.5, 0.5)).to(ref).expand(len(ref), 2)], 1)
         ref = torch.logit(ref.clamp(1e-4, 1 - 1e-4))
         logits, boxes = self.cls(hs), (self.box(hs) + ref).sigmoid()
         return dict(logits=logits[-1], boxes=boxes[-1], aux=[dict(logits=l, boxes=b) for l, b in zip(logits[:-1], boxes[:-1])])
@@ -184,7 +186,10 @@ class DetrConfig:
     eos_coef: float = 0.1          # CE weight of the "no object" class
     aux_loss: bool = True
     query_mode: str = "learned"    # learned queries (DETR) | patch: one query per patch token, anchored at its centre
-    box_size: float = 0.0          # initial box side (fraction of the input) with a zero-initialised box head; 0: DETR's init
+    box_size: float | str = 0.0    # initial box side (fraction of the input) with a zero-initialised box head; 0: DETR's init;
+                                   # "auto": the training boxes' median (w, h)
+    lr_schedule: str = "constant"  # constant | cosine: linear warm-up over `warmup` of the steps, then cosine to 0
+    warmup: float = 0.0
 
 DETR_PRESETS = {"detr": DetrConfig(), "xr0": DetrConfig(epochs=90, batch_size=4, lr=1e-5)}
 
@@ -193,6 +198,8 @@ def detr_config(preset: str = "detr", **overrides) -> DetrConfig:
     if preset not in DETR_PRESETS: raise KeyError(f"unknown detection preset {preset!r}; known: {sorted(DETR_PRESETS)}")
     bad = sorted(set(overrides) - set(DetrConfig.__dataclass_fields__))
     if bad: raise TypeError(f"unknown DetrConfig field(s) {bad}")
+    if overrides.get("lr_schedule", "constant") not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {overrides['lr_schedule']!r}")
     return replace(DETR_PRESETS[preset], **{k: tuple(v) if k == "taps" else v for k, v in overrides.items()})
 
 # %% ../../nbs/58_eval.detection.ipynb #742ba7d4
