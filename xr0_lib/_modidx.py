@@ -470,6 +470,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'xr0_lib/eval/det_train.py')},
             'xr0_lib.eval.detection': { 'xr0_lib.eval.detection.DetrConfig': ( 'eval.detection.html#detrconfig',
                                                                                'xr0_lib/eval/detection.py'),
+                                        'xr0_lib.eval.detection.DetrConfig.__post_init__': ( 'eval.detection.html#detrconfig.__post_init__',
+                                                                                             'xr0_lib/eval/detection.py'),
                                         'xr0_lib.eval.detection.DetrDecoder': ( 'eval.detection.html#detrdecoder',
                                                                                 'xr0_lib/eval/detection.py'),
                                         'xr0_lib.eval.detection.DetrDecoder.__init__': ( 'eval.detection.html#detrdecoder.__init__',

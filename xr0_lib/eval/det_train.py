@@ -63,7 +63,6 @@ def train_detector(feats: torch.Tensor, targets: list[dict], lbs: list[dict], n_
                         dropout=cfg.dropout, query_mode=cfg.query_mode, box_size=box).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(tt) / cfg.batch_size)
-    if cfg.lr_schedule not in ("constant", "cosine"): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {cfg.lr_schedule!r}")
     lrs = warmup_cosine(cfg.lr, 0.0, steps, int(cfg.warmup * steps)) if cfg.lr_schedule == "cosine" else np.full(steps, cfg.lr)
     it = 0
     for _ in range(cfg.epochs):

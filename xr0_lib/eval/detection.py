@@ -191,6 +191,10 @@ class DetrConfig:
     lr_schedule: str = "constant"  # constant | cosine: linear warm-up over `warmup` of the steps, then cosine to 0
     warmup: float = 0.0
 
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"): raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if isinstance(self.box_size, str) and self.box_size != "auto": raise ValueError(f"box_size must be a number or 'auto', got {self.box_size!r}")
+
 DETR_PRESETS = {"detr": DetrConfig(), "xr0": DetrConfig(epochs=90, batch_size=4, lr=1e-5)}
 
 def detr_config(preset: str = "detr", **overrides) -> DetrConfig:
@@ -198,8 +202,6 @@ def detr_config(preset: str = "detr", **overrides) -> DetrConfig:
     if preset not in DETR_PRESETS: raise KeyError(f"unknown detection preset {preset!r}; known: {sorted(DETR_PRESETS)}")
     bad = sorted(set(overrides) - set(DetrConfig.__dataclass_fields__))
     if bad: raise TypeError(f"unknown DetrConfig field(s) {bad}")
-    if overrides.get("lr_schedule", "constant") not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {overrides['lr_schedule']!r}")
     return replace(DETR_PRESETS[preset], **{k: tuple(v) if k == "taps" else v for k, v in overrides.items()})
 
 # %% ../../nbs/58_eval.detection.ipynb #742ba7d4
