@@ -11,7 +11,6 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image
 
 from .manifest import ManifestError, is_missing, register_adapter, safe_join
